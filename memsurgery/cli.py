@@ -71,6 +71,112 @@ def version() -> None:
     print(__version__)
 
 
+
+def _log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+@app.command()
+def convert(
+    src: Path = typer.Argument(..., help="GGUF file, HF directory, or .safetensors file beside a config.json."),
+    out: Path = typer.Argument(..., help="Output directory (must not exist or be empty unless --force)."),
+    shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype written: fp32, bf16 or fp16."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin inputs (pickle)."),
+    json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
+) -> None:
+    """Convert a checkpoint (GGUF or safetensors) into a standard Hugging Face directory."""
+    from memsurgery.convert import convert_checkpoint
+
+    report = convert_checkpoint(src, out, shard_size=shard_size, dtype=dtype, force=force,
+                                allow_pickle=allow_pickle, log=_log)
+    if json_out:
+        _emit_json(report)
+    else:
+        _console().print(f"[green]converted[/] {report['source']} -> {report['out']} "
+                         f"({len(report['files'])} files, {report['total_seconds']} s)")
+
+
+@app.command("inspect")
+def inspect_cmd(
+    ckpt: Path = typer.Argument(..., help="Checkpoint: HF directory, .safetensors file or .gguf file."),
+    json_out: bool = typer.Option(False, "--json", help="Print the stable JSON report (docs/cli.md)."),
+    slots: str = typer.Option("64K", "--slots", help="Proposed memory slots (perfect square), e.g. 64K, 1M."),
+    heads: int = typer.Option(4, "--heads", help="Proposed memory heads."),
+    knn: int = typer.Option(32, "--knn", help="Proposed top-k per head."),
+    k_dim: int = typer.Option(256, "--k-dim", help="Proposed key dimension (even)."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Proposed layers, e.g. 8,16,24 (default: 3 evenly spaced)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin inputs (pickle)."),
+) -> None:
+    """Describe a checkpoint without loading its weights, plus a graft estimate."""
+    from memsurgery.checkpoint import open_checkpoint
+    from memsurgery.inspection import GraftProposal, inspect_checkpoint, parse_slots, render_inspect
+
+    layer_list = _parse_layers(layers)
+    proposal = GraftProposal(slots=parse_slots(slots), heads=heads, knn=knn, k_dim=k_dim, layers=layer_list)
+    report = inspect_checkpoint(open_checkpoint(ckpt, allow_pickle=allow_pickle), proposal)
+    if json_out:
+        _emit_json(report)
+    else:
+        render_inspect(report, _console())
+
+
+def _parse_layers(text: Optional[str]) -> Optional[List[int]]:
+    if text is None or text.strip() == "":
+        return None
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--layers {text!r}: expected comma-separated layer numbers, e.g. 8,16,24") from None
+
+
+@app.command("fetch-demo")
+def fetch_demo() -> None:
+    """Download (once) and verify the demo checkpoint, SmolLM2-135M-Instruct GGUF; print its path."""
+    from memsurgery.fetch import fetch_demo_checkpoint
+
+    print(fetch_demo_checkpoint(log=_log))
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for everything the demo writes."),
+    json_out: bool = typer.Option(False, "--json", help="Print the inspect report as JSON."),
+) -> None:
+    """The main job: fetch SmolLM2-135M -> convert -> inspect."""
+    from memsurgery.demo import run_demo
+
+    run_demo(out, console=_console(), json_out=json_out)
+
+
+@bench_app.command("kernels")
+def bench_kernels(
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds), for smoke tests."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+) -> None:
+    """Embedding-bag forward/backward: ours vs torch.nn.functional.embedding_bag, GB/s side by side."""
+    from memsurgery.bench.kernels import run_kernel_bench
+
+    result = run_kernel_bench(device=device, json_out=json_out, quick=quick)
+    if json_out:
+        _emit_json(result)
+
+
+@bench_app.command("layer")
+def bench_layer(
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds), for smoke tests."),
+) -> None:
+    """One memory layer's step (fwd+bwd+sparse optimizer) at small vs large tables: time ratio, peak RSS."""
+    from memsurgery.bench.layer import run_layer_bench
+
+    result = run_layer_bench(json_out=json_out, quick=quick)
+    if json_out:
+        _emit_json(result)
+
+
 # ------------------------------------------------------------------------ entry
 
 

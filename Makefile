@@ -1,0 +1,41 @@
+# Two entry points: `make demo` (the main job) and `make test` (the whole suite).
+# Both work on a fresh machine with only Python: they create .venv and install
+# torch==2.13.0 FIRST when no torch is present, because that pin resolves to the
+# CPU wheel while a bare `torch` requirement would pull a multi-GB CUDA build.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.memsurgery-installed
+TORCH_PIN ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-fast gpu-check clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	@if ! $(BIN)/python -c "import torch" >/dev/null 2>&1; then \
+		echo "installing $(TORCH_PIN) (CPU wheel) first"; \
+		$(BIN)/python -m pip install --disable-pip-version-check -q "$(TORCH_PIN)"; \
+	fi
+	$(BIN)/python -m pip install --disable-pip-version-check -q -e ".[cpu,dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/memsurgery demo
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
+
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
