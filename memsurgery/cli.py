@@ -72,10 +72,6 @@ def version() -> None:
 
 
 
-def _log(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
-
-
 @app.command()
 def convert(
     src: Path = typer.Argument(..., help="GGUF file, HF directory, or .safetensors file beside a config.json."),
@@ -89,8 +85,10 @@ def convert(
     """Convert a checkpoint (GGUF or safetensors) into a standard Hugging Face directory."""
     from memsurgery.convert import convert_checkpoint
 
+    # Progress goes to stdout so that stderr carries nothing but the one-line error.
+    log = (lambda m: None) if json_out else _console().print
     report = convert_checkpoint(src, out, shard_size=shard_size, dtype=dtype, force=force,
-                                allow_pickle=allow_pickle, log=_log)
+                                allow_pickle=allow_pickle, log=log)
     if json_out:
         _emit_json(report)
     else:
@@ -136,7 +134,7 @@ def fetch_demo() -> None:
     """Download (once) and verify the demo checkpoint, SmolLM2-135M-Instruct GGUF; print its path."""
     from memsurgery.fetch import fetch_demo_checkpoint
 
-    print(fetch_demo_checkpoint(log=_log))
+    print(fetch_demo_checkpoint(log=_console().print))
 
 
 @app.command()
