@@ -1,0 +1,368 @@
+"""Grafted models as real transformers models: build, save, register.
+
+    model = graft_model(base, MemoryConfig.build(slots="64K"), layers=[4, 12, 20], mode="parallel")
+    save_grafted(model, tmp_dir, tokenizer=tok, extra_files={"graft.json": ...})
+    register_all()                         # in-process: AutoModelForCausalLM.from_pretrained(dir)
+
+The model classes live in `modeling_memsurgery.py` (self-contained, copied into every
+checkpoint as remote code); this module is the memsurgery-side API around them. See
+that file's docstring for how memories are attached.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from collections.abc import Mapping
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from memsurgery.errors import InputError
+from memsurgery.graft.configuration_memsurgery import (
+    AUTO_MAP,
+    FORMAT_VERSION,
+    MODEL_TYPE_PREFIX,
+    MODES,
+    grafted_model_type,
+)
+from memsurgery.graft.modeling_memsurgery import (
+    CODE_FILES,
+    MemsurgeryModelMixin,
+    build_classes,
+    code_files,
+    new_memory_bank,
+)
+from memsurgery.memory import MemoryConfig, ProductKeyMemory
+
+__all__ = [
+    "graft_model",
+    "is_grafted_config",
+    "is_grafted_model",
+    "load_grafted",
+    "memory_block",
+    "memory_layers",
+    "register",
+    "register_all",
+    "save_grafted",
+]
+
+_REGISTERED: set[str] = set()
+
+
+# ------------------------------------------------------------------ registration
+
+
+def register(base_model_type: str) -> tuple[type, type]:
+    """Register memsurgery_<base_model_type> with AutoConfig / AutoModelForCausalLM (idempotent).
+
+    Returns (config class, model class). Imports that family's transformers modules.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config_cls, model_cls = build_classes(base_model_type)
+    except ValueError as err:  # transformers lacks the family
+        raise InputError(str(err)) from None
+    if base_model_type not in _REGISTERED:
+        AutoConfig.register(grafted_model_type(base_model_type), config_cls, exist_ok=True)
+        AutoModelForCausalLM.register(config_cls, model_cls, exist_ok=True)
+        _REGISTERED.add(base_model_type)
+    return config_cls, model_cls
+
+
+def register_all() -> list[str]:
+    """Register every supported base family that this transformers knows; return the model_types.
+
+    After this, `AutoModelForCausalLM.from_pretrained(grafted_dir)` works in-process without
+    `trust_remote_code` (memsurgery's own classes take precedence over the checkpoint's copy).
+    Costs the import of each family's modeling module (see the lead's notes for timings).
+    """
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from memsurgery.arch import supported_model_types
+
+    done = []
+    for mt in supported_model_types():
+        if mt in CONFIG_MAPPING and mt in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            register(mt)
+            done.append(grafted_model_type(mt))
+    return done
+
+
+def load_grafted(path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` for a grafted checkpoint.
+
+    Registers only the checkpoint's base family (cheaper than register_all) and checks
+    that the directory really holds a grafted model. InputError otherwise.
+    """
+    from transformers import AutoModelForCausalLM
+
+    cfg_path = Path(path) / "config.json"
+    try:
+        data = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{cfg_path}: cannot read a config.json ({err})") from None
+    if not is_grafted_config(data):
+        raise InputError(
+            f"{path}: not a grafted checkpoint (model_type {data.get('model_type')!r}, no memory block)"
+        )
+    register(data["model_type"][len(MODEL_TYPE_PREFIX) :])
+    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+
+
+# ------------------------------------------------------------------ inspection
+
+
+def is_grafted_config(config) -> bool:
+    """True for a grafted model's config (a config.json dict or a PretrainedConfig)."""
+    if not isinstance(config, Mapping):
+        config = config.to_dict() if hasattr(config, "to_dict") else {}
+    model_type = config.get("model_type")
+    return (
+        isinstance(model_type, str)
+        and model_type.startswith(MODEL_TYPE_PREFIX)
+        and isinstance(config.get("memory"), Mapping)
+    )
+
+
+def is_grafted_model(model) -> bool:
+    return isinstance(model, MemsurgeryModelMixin)
+
+
+def memory_layers(model) -> dict[int, ProductKeyMemory]:
+    """{decoder layer index: memory layer} of a grafted model."""
+    if not is_grafted_model(model):
+        raise InputError(f"{type(model).__name__} is not a grafted model (no memory bank)")
+    return model.memory_layers()
+
+
+def memory_block(model) -> dict:
+    """A copy of the model config's `memory` block."""
+    return copy.deepcopy(model.config.memory)
+
+
+# ------------------------------------------------------------------ graft
+
+
+def _check_layers(layers, n_layers: int) -> list[int]:
+    try:
+        out = [int(i) for i in layers]
+    except (TypeError, ValueError):
+        raise InputError(f"layers={layers!r}: expected a list of layer indices") from None
+    if not out:
+        raise InputError("layers is empty; name at least one decoder layer to graft")
+    bad = [i for i in out if not 0 <= i < n_layers]
+    if bad:
+        raise InputError(
+            f"layers {bad} out of range; the model has {n_layers} layers (0..{n_layers - 1})"
+        )
+    if len(set(out)) != len(out):
+        raise InputError(f"layers={out} lists a layer twice")
+    return sorted(out)
+
+
+def _model_device(model) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def graft_model(base_model, memory_config: MemoryConfig, layers: list[int], mode: str):
+    """A grafted model built from a loaded base `*ForCausalLM`, sharing its weight tensors.
+
+    The new model is built on the meta device and handed the base's parameters and
+    buffers (`load_state_dict(assign=True)`), so no base weight is copied: the two
+    models share storage (training one changes the other) but not modules, and the
+    base model still works unchanged. A fresh memory bank (reference init) is created on
+    the base's device, fp32 layers, value table in `memory_config.value_dtype`.
+    Returns the grafted model in eval mode. Zero `model.memory_bank.values` or call
+    `layer.zero_output_()` for a function-preserving start.
+    """
+    from memsurgery.arch import spec_for_config
+
+    if mode not in MODES:
+        raise InputError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    if is_grafted_model(base_model):
+        raise InputError("the model is already grafted; graft a base model")
+    base_cfg = base_model.config
+    spec = spec_for_config(base_cfg)
+    base_type = base_cfg.model_type
+    live_layers = spec.get_layers(base_model)
+    layers = _check_layers(layers, len(live_layers))
+
+    hidden = spec.hidden_size(base_cfg)
+    if memory_config.input_dim is not None and memory_config.input_dim != hidden:
+        raise InputError(
+            f"memory input_dim={memory_config.input_dim} does not match the model's hidden size {hidden}"
+        )
+    mcfg = memory_config.for_model(hidden)
+    layers_path = next(n for n, m in base_model.named_modules() if m is live_layers)
+    block = {
+        "format_version": FORMAT_VERSION,
+        "config": mcfg.model_dump(mode="json"),
+        "layers": layers,
+        "mode": mode,
+        "layers_path": layers_path,
+        "mlp_module": spec.mlp_module,
+    }
+
+    config_cls, model_cls = register(base_type)
+    data = base_cfg.to_dict()
+    data.pop("model_type", None)  # an instance attribute would shadow the class's memsurgery_<type>
+    data.pop("architectures", None)
+    data.pop("quantization_config", None)
+    data.pop("auto_map", None)
+    data.update(memory=block, auto_map=dict(AUTO_MAP), architectures=[model_cls.__name__])
+    config = config_cls.from_dict(data)
+    config._attn_implementation = base_cfg._attn_implementation
+
+    with torch.device("meta"):
+        model = model_cls(config)
+
+    # Hand over the base's tensors. assign=True makes the new model's parameters wrap the
+    # same storage instead of copying into meta tensors (which would fail anyway).
+    base_state = base_model.state_dict()
+    own = model.state_dict()
+    mlp_prefixes = (
+        tuple(f"{layers_path}.{i}.{spec.mlp_module}." for i in layers) if mode == "replace" else ()
+    )
+    state = {k: v for k, v in base_state.items() if k in own}
+    dropped = [k for k in base_state if k not in own and not k.startswith(mlp_prefixes)]
+    if dropped:
+        raise InputError(
+            f"cannot graft {type(base_model).__name__}: unexpected weights {dropped[:5]}"
+        )
+    result = model.load_state_dict(state, strict=False, assign=True)
+    base_params = dict(base_model.named_parameters())
+    for name, p in model.named_parameters():  # assign=True takes requires_grad from the meta model
+        if name in base_params:
+            p.requires_grad_(base_params[name].requires_grad)
+    unfilled = [k for k in result.missing_keys if not k.startswith("memory_bank.")]
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    unfilled = [k for k in unfilled if k not in tied]
+    if unfilled:
+        raise InputError(
+            f"cannot graft {type(base_model).__name__}: no base weights for {unfilled[:5]}"
+        )
+
+    # Non-persistent buffers (rotary inv_freq, Gemma's embed scale ...) are not in the state dict.
+    base_buffers = dict(base_model.named_buffers())
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            if name not in base_buffers:
+                raise InputError(
+                    f"cannot graft {type(base_model).__name__}: no base buffer {name!r}"
+                )
+            owner, _, leaf = name.rpartition(".")
+            model.get_submodule(owner)._buffers[leaf] = base_buffers[name]
+    # Other plain tensor attributes some families keep (e.g. rotary original_inv_freq).
+    base_modules = dict(base_model.named_modules())
+    for name, sub in model.named_modules():
+        for attr, value in list(vars(sub).items()):
+            if isinstance(value, torch.Tensor) and value.is_meta and name in base_modules:
+                setattr(sub, attr, getattr(base_modules[name], attr))
+
+    model.tie_weights()  # the assigned lm_head and embedding are separate Parameters until re-tied
+    model.set_memory_bank(new_memory_bank(block, device=_model_device(base_model)))
+
+    leftover = [
+        n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta
+    ]
+    if leftover:
+        raise InputError(f"cannot graft {type(base_model).__name__}: still on meta: {leftover[:5]}")
+    if getattr(base_model, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(base_model.generation_config)
+    return model.eval()
+
+
+# ------------------------------------------------------------------ save
+
+
+def _config_json(model) -> str:
+    data = json.loads(model.config.to_json_string(use_diff=True))
+    for key in ("quantization_config", "_name_or_path"):
+        data.pop(key, None)
+    data["architectures"] = [type(model).__name__]
+    data["auto_map"] = {**(data.get("auto_map") or {}), **AUTO_MAP}
+    data["model_type"] = model.config.model_type
+    data["memory"] = model.config.memory
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def _safe_relpath(name: str) -> PurePosixPath:
+    rel = PurePosixPath(name)
+    if not name or rel.is_absolute() or ".." in rel.parts or "\\" in name:
+        raise InputError(
+            f"extra file name {name!r} must be a relative path inside the output directory"
+        )
+    return rel
+
+
+def save_grafted(
+    model,
+    out_dir: Path,
+    *,
+    max_shard_size: int | str = "2GB",
+    tokenizer=None,
+    extra_files: dict[str, str | bytes] | None = None,
+) -> list[str]:
+    """Write a grafted model as a Hugging Face directory; return the file names written.
+
+    config.json (model_type memsurgery_<base>, memory block, auto_map; no
+    quantization_config), configuration_memsurgery.py + modeling_memsurgery.py (remote
+    code for machines without memsurgery), sharded safetensors (tied aliases omitted,
+    the value table once), generation_config.json, the tokenizer if given, and
+    `extra_files` written verbatim. `out_dir` is normally the temp dir of
+    memsurgery._atomic.atomic_output_dir; the caller handles atomicity.
+    """
+    from memsurgery.checkpoint.writer import save_state_dict_sharded, tied_aliases
+
+    if not is_grafted_model(model):
+        raise InputError(
+            f"{type(model).__name__} is not a grafted model; graft it first (graft_model)"
+        )
+    extra = {str(_safe_relpath(k)): v for k, v in (extra_files or {}).items()}
+    clash = sorted(set(extra) & {"config.json", *CODE_FILES})
+    if clash:
+        raise InputError(f"extra_files may not replace {clash}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    written = ["config.json"]
+    (out_dir / "config.json").write_text(_config_json(model), encoding="utf-8")
+    for name, text in code_files(model.config.base_model_type).items():
+        (out_dir / name).write_text(text, encoding="utf-8")
+        written.append(name)
+
+    skip = tied_aliases(model)
+    state = {k: v for k, v in model.state_dict().items() if k not in skip}
+    written += save_state_dict_sharded(state, out_dir, max_shard_size=max_shard_size)
+
+    gen = getattr(model, "generation_config", None)
+    if gen is None:
+        from transformers import GenerationConfig
+
+        gen = GenerationConfig.from_model_config(model.config)
+    gen.save_pretrained(str(out_dir))
+    written.append("generation_config.json")
+
+    if tokenizer is not None:
+        before = {p for p in out_dir.rglob("*") if p.is_file()}
+        tokenizer.save_pretrained(str(out_dir))
+        written += sorted(
+            str(p.relative_to(out_dir))
+            for p in out_dir.rglob("*")
+            if p.is_file() and p not in before
+        )
+
+    for name, content in extra.items():
+        path = out_dir / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, bytes):
+            path.write_bytes(content)
+        else:
+            path.write_text(str(content), encoding="utf-8")
+        written.append(name)
+    return written
