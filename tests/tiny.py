@@ -83,3 +83,40 @@ def make_tiny_checkpoint(model_type: str, out_dir: Path, seed: int = 0) -> Path:
     model = build_tiny_model(model_type, seed)
     model.save_pretrained(out_dir, safe_serialization=True)
     return out_dir
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in character for each byte (what ByteLevel uses)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[b] = chr(b)
+        else:
+            out[b] = chr(256 + extra)
+            extra += 1
+    return out
+
+
+def build_tiny_tokenizer():
+    """A byte-level BPE tokenizer with no merges: 256 tokens, one per byte.
+
+    Matches the tiny models' vocab_size=256, works offline, and round-trips any text.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    byte_chars = _bytes_to_unicode()
+    vocab = {byte_chars[b]: b for b in range(256)}
+    assert set(vocab) == set(alphabet)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=byte_chars[2], bos_token=byte_chars[1])
+
+
+def make_tiny_checkpoint_with_tokenizer(model_type: str, out_dir: Path, seed: int = 0) -> Path:
+    out_dir = make_tiny_checkpoint(model_type, out_dir, seed)
+    build_tiny_tokenizer().save_pretrained(out_dir)
+    return out_dir
