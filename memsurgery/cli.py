@@ -223,6 +223,28 @@ def bench_kernels(
         _emit_json(result)
 
 
+@bench_app.command("throughput")
+def bench_throughput(
+    ckpt: Optional[Path] = typer.Argument(None, help="Dense checkpoint (default: the demo SmolLM2)."),
+    slots: str = typer.Option("1M", "--slots", help="Memory slots."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Memory layers (default 3 evenly spaced)."),
+    reps: int = typer.Option(3, "--reps", help="Timed repetitions per model."),
+    json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
+    quick: bool = typer.Option(False, "--quick", help="Tiny sizes (seconds), for smoke tests."),
+) -> None:
+    """Tokens/s of grafted (parallel, replace) vs base: batch-1 decode and 8x256 prefill, one run."""
+    from memsurgery.bench.throughput import render, run_throughput_bench
+    from memsurgery.memory import parse_slots
+
+    log = (lambda m: None) if json_out else _console().print
+    result = run_throughput_bench(ckpt, slots=parse_slots(slots), layers=_parse_layers(layers), reps=reps,
+                                  quick=quick, log=log)
+    if json_out:
+        _emit_json(result)
+    else:
+        render(result, _console())
+
+
 @bench_app.command("layer")
 def bench_layer(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
