@@ -218,9 +218,8 @@ def bench_kernels(
     """Embedding-bag forward/backward: ours vs torch.nn.functional.embedding_bag, GB/s side by side."""
     from memsurgery.bench.kernels import run_kernel_bench
 
-    result = run_kernel_bench(device=device, json_out=json_out, quick=quick)
-    if json_out:
-        _emit_json(result)
+    # run_kernel_bench prints its own table, or the JSON document with json_out.
+    run_kernel_bench(device=device, json_out=json_out, quick=quick)
 
 
 @bench_app.command("throughput")
@@ -253,9 +252,7 @@ def bench_layer(
     """One memory layer's step (fwd+bwd+sparse optimizer) at small vs large tables: time ratio, peak RSS."""
     from memsurgery.bench.layer import run_layer_bench
 
-    result = run_layer_bench(json_out=json_out, quick=quick)
-    if json_out:
-        _emit_json(result)
+    run_layer_bench(json_out=json_out, quick=quick)  # prints a table, or the JSON with json_out
 
 
 # ------------------------------------------------------------------------ entry
