@@ -25,7 +25,6 @@ from memsurgery.errors import InputError
 from memsurgery.memory.config import MemoryConfig
 from memsurgery.memory.topk import product_key_topk
 from memsurgery.memory.values import SharedValueTable
-from memsurgery.ops import embedding_bag
 
 _QK_EPS = 1e-6
 
@@ -99,10 +98,13 @@ class ProductKeyMemory(nn.Module):
         """
         if not isinstance(values, SharedValueTable):
             raise TypeError(f"values must be a SharedValueTable, got {type(values).__name__}")
+        # The logical shape (slots, v_dim), not weight.shape: a sharded table
+        # (memsurgery.parallel) stores only a column slice of the rows.
         expected = (self.config.slots, self.v_dim)
-        if tuple(values.weight.shape) != expected:
+        got = (values.slots, values.v_dim)
+        if got != expected:
             raise InputError(
-                f"value table is {tuple(values.weight.shape)} but this memory layer needs "
+                f"value table is {got} but this memory layer needs "
                 f"[slots, v_dim] = {list(expected)}"
             )
         object.__setattr__(self, "_value_table", values)
@@ -165,10 +167,10 @@ class ProductKeyMemory(nn.Module):
         acc = torch.promote_types(scores.dtype, torch.float32)
         weights = torch.softmax(scores.to(acc) * self.score_scale, dim=-1)  # [N, H, knn]
 
-        # All heads' picks form one bag of H*knn rows per token: a single gather-sum.
-        bag = embedding_bag(
+        # All heads' picks form one bag of H*knn rows per token: a single gather-sum,
+        # through the table's own bag() so that a sharded table can read its slice.
+        bag = self.value_table.bag(
             indices.reshape(n, self.heads * self.knn),
-            self.value_table.weight,
             weights.reshape(n, self.heads * self.knn),
             backend=self.backend,
             sparse_grad=self.sparse_grad,

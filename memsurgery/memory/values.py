@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from memsurgery.errors import InputError
+from memsurgery.ops import embedding_bag
 
 if TYPE_CHECKING:  # layer.py imports this module; import it lazily at run time
     from memsurgery.memory.config import MemoryConfig
@@ -69,6 +70,22 @@ class SharedValueTable(nn.Module):
     def reset_parameters(self) -> None:
         """Reference init: N(0, v_dim**-0.5)."""
         self.weight.normal_(0.0, self.v_dim**-0.5)
+
+    def bag(
+        self,
+        indices: torch.Tensor,
+        scores: torch.Tensor,
+        backend: str = "auto",
+        sparse_grad: bool = True,
+    ) -> torch.Tensor:
+        """Score-weighted sum of this table's rows: indices, scores [N, B] -> [N, v_dim].
+
+        The one place the memory layers read the table (ProductKeyMemory.forward calls it),
+        so a subclass can change how rows are read without the layer knowing:
+        memsurgery.parallel.ShardedValueTable bags its column slice and gathers the
+        columns of every rank. Here: `memsurgery.ops.embedding_bag` on `weight`.
+        """
+        return embedding_bag(indices, self.weight, scores, backend=backend, sparse_grad=sparse_grad)
 
     @torch.no_grad()
     def zero_(self) -> SharedValueTable:
