@@ -106,6 +106,7 @@ def inspect_cmd(
     k_dim: int = typer.Option(256, "--k-dim", help="Proposed key dimension (even)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Proposed layers, e.g. 8,16,24 (default: 3 evenly spaced)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pytorch_model.bin inputs (pickle)."),
+    trace: Optional[str] = typer.Option(None, "--trace", help="Also run causal tracing (loads the weights): a fact JSONL, or 'builtin'; prints the per-layer profile that graft --layers auto uses."),
 ) -> None:
     """Describe a checkpoint without loading its weights, plus a graft estimate."""
     from memsurgery.checkpoint import open_checkpoint
@@ -113,11 +114,32 @@ def inspect_cmd(
 
     layer_list = _parse_layers(layers)
     proposal = GraftProposal(slots=parse_slots(slots), heads=heads, knn=knn, k_dim=k_dim, layers=layer_list)
-    report = inspect_checkpoint(open_checkpoint(ckpt, allow_pickle=allow_pickle), proposal)
+    src = open_checkpoint(ckpt, allow_pickle=allow_pickle)
+    report = inspect_checkpoint(src, proposal)
+    if trace is not None:
+        report["trace"] = _run_trace(src, trace, quiet=json_out)
     if json_out:
         _emit_json(report)
     else:
         render_inspect(report, _console())
+        if trace is not None:
+            from memsurgery.graft.trace import render_trace
+
+            render_trace(report["trace"], _console(), chosen=report["trace"]["chosen"])
+
+
+def _run_trace(src, facts_path: str, quiet: bool) -> dict:
+    """Causal tracing over a fact set: the per-layer MLP profile `graft --layers auto` uses."""
+    from memsurgery.graft import trace as tr
+
+    facts = tr.load_facts(None if facts_path == "builtin" else facts_path)
+    tokenizer = src.load_tokenizer()
+    if tokenizer is None:
+        raise InputError(f"{src.path}: has no tokenizer; --trace needs one")
+    model = src.load_model()
+    profile = tr.trace_layers(model, tokenizer, facts, log=None if quiet else _console().print)
+    profile["chosen"] = tr.choose_layers(profile, k=3)
+    return profile
 
 
 def _parse_layers(text: Optional[str]) -> Optional[List[int]]:
