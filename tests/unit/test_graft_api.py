@@ -164,3 +164,25 @@ def test_api_without_output_returns_model(tiny_src, calib_txt):
     assert report["usage"]["0"]["faiss"] is None and "memory_bank.values.weight" in model.state_dict()
     with pytest.raises(InputError):
         graft(tiny_src["llama"], None, calib=str(calib_txt), layers=[5], **SMALL)
+
+
+@pytest.mark.parametrize("order", ["memsurgery-first", "transformers-first"])
+def test_import_memsurgery_registers_for_plain_from_pretrained(tiny_src, calib_txt, tmp_path, order):
+    """After `import memsurgery`, plain from_pretrained loads a grafted dir without remote code."""
+    import subprocess
+    import sys
+
+    from memsurgery.graft import graft
+
+    graft(tiny_src["llama"], tmp_path / "g", calib=str(calib_txt), layers=[0], **SMALL)
+    imports = ["import memsurgery", "from transformers import AutoModelForCausalLM"]
+    if order == "transformers-first":
+        imports.reverse()
+    code = "\n".join(imports + [
+        "import warnings; warnings.simplefilter('error', UserWarning)",
+        f"m = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'g')!r}, trust_remote_code=False)",
+        "print(type(m).__module__)",
+    ])
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("memsurgery.")
