@@ -9,6 +9,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.memsurgery-installed
 TORCH_PIN ?= torch==2.13.0
 PYTEST_ARGS ?=
+# One torch thread: on the 2-vCPU machines this project runs on, torch's 2-thread
+# pool measured 2-8x slower than 1 thread (see README, "Limits"). Override freely.
+export MEMSURGERY_THREADS ?= 1
+export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup demo test test-fast gpu-check clean
 

@@ -44,8 +44,19 @@ _STATE = {"debug": False}
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="CPU threads for torch (default: $MEMSURGERY_THREADS, else torch's default)."),
 ) -> None:
     _STATE["debug"] = debug or os.environ.get("MEMSURGERY_DEBUG") == "1"
+    threads = threads or (int(os.environ["MEMSURGERY_THREADS"]) if os.environ.get("MEMSURGERY_THREADS") else None)
+    if threads is not None:
+        if threads < 1:
+            raise InputError(f"--threads {threads}: must be at least 1")
+        import torch
+
+        # On small shared VMs, torch's 2-thread pool can be slower than one thread
+        # (measured here: SmolLM2 decode 17 vs 2.2 tok/s); let users choose.
+        torch.set_num_threads(threads)
 
 
 def _console():

@@ -21,3 +21,11 @@ def tiny_ckpts(tmp_path_factory) -> dict:
 @pytest.fixture(scope="session")
 def tiny_llama(tiny_ckpts):
     return tiny_ckpts["llama"]
+
+
+def pytest_configure(config):
+    # One torch thread unless the environment says otherwise: on the 2-vCPU CI
+    # machines a 2-thread pool is several times slower for the small ops tests use.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("MEMSURGERY_THREADS", "1")))
