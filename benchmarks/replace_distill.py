@@ -7,8 +7,11 @@ held-out perplexity relative to the base model for:
 
     removed      the MLPs simply removed (memory output zeroed)
     random       faiss/PCA keys, reference-init values and projections
-    closed_form  distill_memories(steps=0): neutral gate, identity W_o, per-slot means
-    distill      closed form + Adam steps (the `--values distill` default)
+    smoother     closed form init="smoother": neutral gate, identity W_o, each slot the
+                 mean of the targets of the tokens routed to it (no Adam)
+    closed_form  closed form init="dense": values 1/H, the gated path an affine fit
+                 (no Adam)
+    distill      closed_form + Adam steps (the `--values distill` default)
 
 plus per layer: held-out fraction of MLP-output variance explained (FVE) and timings.
 Layer sets: --layers (e.g. "5,15,25"; several sets separated by ";") and/or
@@ -47,19 +50,19 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from memsurgery.arch import spec_for_config  # noqa: E402
-from memsurgery.graft.calibration import (  # noqa: E402
+from memsurgery.arch import spec_for_config
+from memsurgery.graft.calibration import (
     builtin_corpus,
     calibration_split,
     capture_mlp_inputs,
 )
-from memsurgery.graft.distill import distill_memories  # noqa: E402
-from memsurgery.graft.hf import graft_model, memory_layers  # noqa: E402
-from memsurgery.graft.keyinit import init_memory_keys  # noqa: E402
-from memsurgery.memory import MemoryConfig  # noqa: E402
+from memsurgery.graft.distill import DEFAULTS, distill_memories
+from memsurgery.graft.hf import graft_model, is_grafted_model, memory_layers
+from memsurgery.graft.keyinit import init_memory_keys
+from memsurgery.memory import MemoryConfig
 
 DEFAULT_GGUF = Path.home() / ".cache/memsurgery/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
-VARIANTS = ("removed", "random", "closed_form", "distill")
+VARIANTS = ("removed", "random", "smoother", "closed_form", "distill")
 
 
 def log(msg: str) -> None:
@@ -86,8 +89,10 @@ def load_model(path: str):
 
 def decoder_stack(model) -> tuple[nn.Module, str, nn.ModuleList]:
     """(parent module, attribute name, ModuleList) of the model's decoder layers."""
-    spec = spec_for_config(model.config.to_dict())
-    layers = spec.get_layers(model)
+    if is_grafted_model(model):
+        layers = model.decoder_layers()
+    else:
+        layers = spec_for_config(model.config.to_dict()).get_layers(model)
     path = next(n for n, m in model.named_modules() if m is layers)
     parent_path, _, attr = path.rpartition(".")
     return model.get_submodule(parent_path), attr, layers
@@ -105,7 +110,9 @@ def from_layer(model, k: int):
 
 
 @torch.no_grad()
-def window_nll(model, ids: torch.Tensor, batch_size: int, start: int = 0, resid=None) -> torch.Tensor:
+def window_nll(
+    model, ids: torch.Tensor, batch_size: int, start: int = 0, resid=None
+) -> torch.Tensor:
     """Summed next-token NLL per window [B] (T-1 predictions each), optionally from layer `start`
     with the cached residual `resid` [B*T, d] at its input."""
     out = torch.empty(ids.shape[0], dtype=torch.float64)
@@ -118,7 +125,9 @@ def window_nll(model, ids: torch.Tensor, batch_size: int, start: int = 0, resid=
             emb = resid[i * T : (i + b.shape[0]) * T].view(b.shape[0], T, -1)
             with from_layer(model, start):
                 logits = model(inputs_embeds=emb, use_cache=False).logits
-        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="none")
+        nll = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="none"
+        )
         out[i : i + b.shape[0]] = nll.view(b.shape[0], T - 1).double().sum(1)
     return out
 
@@ -141,7 +150,8 @@ def base_pass(model, ids, batch_size, resid_layers, mlp_layers):
     for k in resid_layers:
         handles.append(
             layers[k].register_forward_pre_hook(
-                lambda m, a, kw, k=k: put(resid[k], a[0] if a else kw["hidden_states"]), with_kwargs=True
+                lambda m, a, kw, k=k: put(resid[k], a[0] if a else kw["hidden_states"]),
+                with_kwargs=True,
             )
         )
     for k in mlp_layers:
@@ -154,7 +164,9 @@ def base_pass(model, ids, batch_size, resid_layers, mlp_layers):
             b = ids[i : i + batch_size]
             cur[0], cur[1] = i * T, (i + b.shape[0]) * T
             logits = model(input_ids=b, use_cache=False).logits
-            x = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="none")
+            x = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), b[:, 1:].flatten(), reduction="none"
+            )
             nll[i : i + b.shape[0]] = x.view(b.shape[0], T - 1).double().sum(1)
     finally:
         for h in handles:
@@ -180,7 +192,9 @@ def removal_scan(model, ids, batch_size, suffix_ok: bool) -> dict:
     """{layer: perplexity with that layer's MLP zeroed} on windows `ids`, plus the base."""
     n_layers = len(decoder_stack(model)[2])
     t0 = time.perf_counter()
-    nll, resid, _ = base_pass(model, ids, batch_size, list(range(n_layers)) if suffix_ok else [], [])
+    nll, resid, _ = base_pass(
+        model, ids, batch_size, list(range(n_layers)) if suffix_ok else [], []
+    )
     base = ppl(nll, ids)
     scan = {}
     for k in range(n_layers):
@@ -191,7 +205,12 @@ def removal_scan(model, ids, batch_size, suffix_ok: bool) -> dict:
                 nk = window_nll(model, ids, batch_size)
         scan[k] = ppl(nk, ids)
         log(f"scan: layer {k} MLP removed -> ppl {scan[k]:.3f} ({scan[k] / base:.4f}x)")
-    return {"base_ppl": base, "ppl": scan, "tokens": ids.numel(), "seconds": time.perf_counter() - t0}
+    return {
+        "base_ppl": base,
+        "ppl": scan,
+        "tokens": ids.numel(),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 # ------------------------------------------------------------------ main
@@ -247,12 +266,16 @@ def run(args) -> dict:
     firsts = sorted({s[0] for s in sets})
 
     t0 = time.perf_counter()
-    base_nll, resid, held = base_pass(model, held_ids, args.batch_size, firsts if suffix_ok else [], union)
+    base_nll, resid, held = base_pass(
+        model, held_ids, args.batch_size, firsts if suffix_ok else [], union
+    )
     timings["base_heldout_pass_s"] = time.perf_counter() - t0
     base_ppl = ppl(base_nll, held_ids)
     log(f"base held-out ppl {base_ppl:.4f} ({timings['base_heldout_pass_s']:.0f}s)")
     t0 = time.perf_counter()
-    calib = capture_mlp_inputs(model, union, calib_ids, batch_size=args.batch_size, with_outputs=True)
+    calib = capture_mlp_inputs(
+        model, union, calib_ids, batch_size=args.batch_size, with_outputs=True
+    )
     timings["capture_calib_s"] = time.perf_counter() - t0
     log(f"captured calibration MLP pairs at {union} ({timings['capture_calib_s']:.0f}s)")
 
@@ -264,15 +287,18 @@ def run(args) -> dict:
         rec = {"layers": layers, "ppl": {}, "ratio": {}, "seconds": {}}
         start = layers[0]
 
-        def evaluate(name: str, m) -> None:
+        def evaluate(name: str, m, rec=rec, start=start, layers=layers) -> None:
             t = time.perf_counter()
-            nll = window_nll(m, held_ids, args.batch_size, start, resid[start]) if suffix_ok else window_nll(
-                m, held_ids, args.batch_size
-            )
+            if suffix_ok:
+                nll = window_nll(m, held_ids, args.batch_size, start, resid[start])
+            else:
+                nll = window_nll(m, held_ids, args.batch_size)
             rec["ppl"][name] = ppl(nll, held_ids)
             rec["ratio"][name] = rec["ppl"][name] / base_ppl
             rec["seconds"][f"eval_{name}"] = time.perf_counter() - t
-            log(f"layers {layers}: {name} ppl {rec['ppl'][name]:.4f} = {rec['ratio'][name]:.4f}x base")
+            log(
+                f"layers {layers}: {name} ppl {rec['ppl'][name]:.4f} = {rec['ratio'][name]:.4f}x base"
+            )
 
         torch.manual_seed(args.seed)
         model_g = graft_model(model, mem_cfg, layers, "replace")
@@ -293,23 +319,41 @@ def run(args) -> dict:
                     mems[k].out_proj.weight.copy_(saved[k])
         jobs = {str(k): (mems[k], calib[k][0], calib[k][1]) for k in layers}
         heldout = {str(k): held[k] for k in layers}
-        kw = dict(
-            batch_tokens=args.batch_tokens, lr_values=args.lr_values, lr_dense=args.lr_dense,
-            seed=args.seed, heldout=heldout, ridge=args.ridge, gate_init=args.gate_init,
-            log=lambda s: log(f"layers {layers}: {s}"),
-        )
+        prefix = f"layers {layers}: "
+        kw = {
+            "batch_tokens": args.batch_tokens,
+            "lr_values": args.lr_values,
+            "lr_dense": args.lr_dense,
+            "seed": args.seed,
+            "heldout": heldout,
+            "train_routing": args.train_routing,
+            "log": lambda s, prefix=prefix: log(prefix + s),
+        }
+        rec["fve"] = {str(k): {} for k in layers}
+        if "smoother" in args.variants:
+            sm = distill_memories(jobs, steps=0, init="smoother", **kw)
+            rec["seconds"]["smoother"] = sm["seconds"]
+            for k, v in sm["layers"].items():
+                rec["fve"][k]["random"] = v.get("heldout_fve_initial")
+                rec["fve"][k]["smoother"] = v.get("heldout_fve_final")
+            evaluate("smoother", model_g)
         if "closed_form" in args.variants or "distill" in args.variants:
-            cf = distill_memories(jobs, steps=0, **kw)
+            cf = distill_memories(jobs, steps=0, init="dense", **kw)
             rec["seconds"]["closed_form"] = cf["seconds"]
-            rec["fve"] = {k: {"initial": v.get("heldout_fve_initial"), "closed_form": v.get("heldout_fve_final")}
-                          for k, v in cf["layers"].items()}
+            for k, v in cf["layers"].items():
+                rec["fve"][k].setdefault("random", v.get("heldout_fve_initial"))
+                rec["fve"][k]["closed_form"] = v.get("heldout_fve_final")
             rec["closed_form_info"] = cf["layers"]
             if "closed_form" in args.variants:
                 evaluate("closed_form", model_g)
         if "distill" in args.variants:
-            ds = distill_memories(jobs, steps=args.steps, init=False, **kw)
-            rec["seconds"]["adam"] = ds["seconds"]
-            rec["seconds"]["distill_total"] = ds["seconds"] + rec["seconds"].get("closed_form", 0.0)
+            ds = distill_memories(
+                jobs, steps=args.steps, init="none", eval_every=args.eval_every, **kw
+            )
+            rec["seconds"]["adam"] = ds["adam_seconds"]
+            rec["seconds"]["distill_total"] = ds["seconds"] + rec["seconds"]["closed_form"]
+            rec["value_optimizer"] = ds["value_optimizer"]
+            rec["curve"] = ds["curve"]
             for k, v in ds["layers"].items():
                 rec["fve"][k]["distill"] = v.get("heldout_fve_final")
                 rec["fve"][k]["train_distill"] = v.get("train_fve_final")
@@ -320,11 +364,20 @@ def run(args) -> dict:
 
     return {
         "config": {
-            "model": str(args.model), "memory": mem_cfg.model_dump(mode="json"),
-            "calib_tokens": calib_ids.numel(), "heldout_tokens": held_ids.numel(), "seq_len": args.seq_len,
-            "steps": args.steps, "batch_tokens": args.batch_tokens, "lr_values": args.lr_values,
-            "lr_dense": args.lr_dense, "ridge": args.ridge, "gate_init": args.gate_init, "niter": args.niter,
-            "seed": args.seed, "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "model": str(args.model),
+            "memory": mem_cfg.model_dump(mode="json"),
+            "calib_tokens": calib_ids.numel(),
+            "heldout_tokens": held_ids.numel(),
+            "seq_len": args.seq_len,
+            "steps": args.steps,
+            "batch_tokens": args.batch_tokens,
+            "lr_values": args.lr_values,
+            "lr_dense": args.lr_dense,
+            "train_routing": args.train_routing,
+            "niter": args.niter,
+            "seed": args.seed,
+            "threads": torch.get_num_threads(),
+            "python": platform.python_version(),
             "torch": torch.__version__,
         },
         "base_ppl": base_ppl,
@@ -342,10 +395,14 @@ def markdown(res: dict) -> str:
     lines = [
         f"# Replace mode: held-out perplexity vs base ({Path(c['model']).name})",
         "",
-        f"{m['slots']:,} slots, heads {m['heads']}, knn {m['knn']}, k_dim {m['k_dim']}, swilu {m['swilu']}; "
-        f"{c['calib_tokens']:,} calibration + {c['heldout_tokens']:,} disjoint held-out tokens (builtin corpus); "
-        f"distill {c['steps']} steps x {c['batch_tokens']} tokens per layer, lr values {c['lr_values']}, "
-        f"dense {c['lr_dense']}, ridge {c['ridge']}, gate init {c['gate_init']}; {c['threads']} threads.",
+        (
+            f"{m['slots']:,} slots, heads {m['heads']}, knn {m['knn']}, k_dim {m['k_dim']}, "
+            f"swilu {m['swilu']}; {c['calib_tokens']:,} calibration + {c['heldout_tokens']:,} "
+            f"disjoint held-out tokens (builtin corpus); distill {c['steps']} steps x "
+            f"{c['batch_tokens']} tokens per layer, lr values {c['lr_values']}, dense "
+            f"{c['lr_dense']}, train routing {c['train_routing']}; faiss niter {c['niter']}; "
+            f"{c['threads']} threads."
+        ),
         "",
         f"Base held-out perplexity: {res['base_ppl']:.4f}",
         "",
@@ -355,21 +412,40 @@ def markdown(res: dict) -> str:
     for s in res["sets"]:
         cells = [f"{s['ratio'][v]:.4f}x" if v in s["ratio"] else "-" for v in VARIANTS]
         t = s["seconds"].get("distill_total")
-        lines.append(f"| {','.join(map(str, s['layers']))} | " + " | ".join(cells) + f" | {t:.0f} |" if t else " - |")
-    lines += ["", "Held-out fraction of MLP-output variance explained, per layer:", "",
-              "| layers | layer | random | closed form | distill | distill (train) |", "|---|---|---|---|---|---|"]
+        t_cell = "-" if t is None else f"{t:.0f} ({t / len(s['layers']):.0f}/layer)"
+        lines.append(
+            f"| {','.join(map(str, s['layers']))} | " + " | ".join(cells) + f" | {t_cell} |"
+        )
+    lines += [
+        "",
+        "Held-out fraction of MLP-output variance explained, per layer:",
+        "",
+        "| layers | layer | random | smoother | closed form | distill | distill (train) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for s in res["sets"]:
         for k, f in s.get("fve", {}).items():
-            cells = [f.get(x) for x in ("initial", "closed_form", "distill", "train_distill")]
-            lines.append(f"| {','.join(map(str, s['layers']))} | {k} | " + " | ".join(
-                "-" if v is None else f"{v:.3f}" for v in cells) + " |")
+            cells = [
+                f.get(x) for x in ("random", "smoother", "closed_form", "distill", "train_distill")
+            ]
+            lines.append(
+                f"| {','.join(map(str, s['layers']))} | {k} | "
+                + " | ".join("-" if v is None else f"{v:.3f}" for v in cells)
+                + " |"
+            )
     if res.get("scan"):
         sc = res["scan"]
-        lines += ["", f"Removal damage (one MLP zeroed; {sc['tokens']:,} calibration tokens, base ppl {sc['base_ppl']:.3f}):", ""]
+        lines += [
+            "",
+            f"Removal damage (one MLP zeroed; {sc['tokens']:,} calibration tokens, base ppl {sc['base_ppl']:.3f}):",
+            "",
+        ]
         lines.append(", ".join(f"{k}: {v / sc['base_ppl']:.3f}x" for k, v in sc["ppl"].items()))
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in res["timings"].items())]
     for s in res["sets"]:
-        lines.append(f"- {s['layers']}: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items()))
+        lines.append(
+            f"- {s['layers']}: " + ", ".join(f"{k} {v:.0f}" for k, v in s["seconds"].items())
+        )
     lines.append(f"Peak RSS: {res['peak_rss_gb']:.2f} GB")
     return "\n".join(lines) + "\n"
 
@@ -377,8 +453,12 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default=str(DEFAULT_GGUF), help="HF directory or .gguf file")
-    p.add_argument("--layers", default="5,15,25", help="layer set(s): '5,15,25' or '5,15,25;3,20,27'")
-    p.add_argument("--auto-layers", type=int, default=3, help="add the K least-damaging layers (0: off)")
+    p.add_argument(
+        "--layers", default="5,15,25", help="layer set(s): '5,15,25' or '5,15,25;3,20,27'"
+    )
+    p.add_argument(
+        "--auto-layers", type=int, default=3, help="add the K least-damaging layers (0: off)"
+    )
     p.add_argument("--scan-tokens", type=int, default=4096)
     p.add_argument("--slots", default="64K")
     p.add_argument("--heads", type=int, default=4)
@@ -389,17 +469,17 @@ def main(argv=None) -> None:
     p.add_argument("--heldout-tokens", type=int, default=20_000)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--niter", type=int, default=20, help="faiss k-means iterations (key init)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--batch-tokens", type=int, default=4096)
-    p.add_argument("--lr-values", type=float, default=1e-2)
-    p.add_argument("--lr-dense", type=float, default=1e-3)
-    p.add_argument("--ridge", type=float, default=1e-2)
-    p.add_argument("--gate-init", default="neutral", choices=("neutral", "keep"))
+    p.add_argument("--steps", type=int, default=DEFAULTS["steps"])
+    p.add_argument("--batch-tokens", type=int, default=DEFAULTS["batch_tokens"])
+    p.add_argument("--lr-values", type=float, default=DEFAULTS["lr_values"])
+    p.add_argument("--lr-dense", type=float, default=DEFAULTS["lr_dense"])
+    p.add_argument("--train-routing", action="store_true", help="train query/keys too (slower)")
+    p.add_argument("--eval-every", type=int, default=0, help="held-out FVE curve every N steps")
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="results/replace_distill")
+    p.add_argument("--out", default=str(REPO / "benchmarks/results/replace_distill"))
     args = p.parse_args(argv)
     args.variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     bad = [v for v in args.variants if v not in VARIANTS]

@@ -256,13 +256,15 @@ def graft(
                 for layer in mem.values():
                     layer.zero_output_()
     if values_mode == "distill":
-        from memsurgery.graft.distill import distill_memory
+        from memsurgery.graft.distill import distill_memories
 
-        for L in layers:
-            log(f"layer {L}: distilling the memory to imitate the removed FFN ({plan.distill_steps} steps)")
-            x, y = calib_acts[L]
-            distill_info[str(L)] = distill_memory(mem[L], x, y, steps=plan.distill_steps, seed=plan.seed,
-                                                  heldout=heldout_acts[L], log=log)
+        # One joint fit: the layers share the value table, so fitting them one after
+        # another would let each layer overwrite rows the previous one relied on.
+        log(f"distilling layers {layers} jointly to imitate the removed FFNs ({plan.distill_steps} steps)")
+        res = distill_memories({L: (mem[L], *calib_acts[L]) for L in layers},
+                               steps=plan.distill_steps, seed=plan.seed,
+                               heldout={L: heldout_acts[L] for L in layers}, log=log)
+        distill_info = {k: res[k] for k in ("steps", "seconds", "value_optimizer", "layers") if k in res}
     timings["values"] = time.perf_counter() - t
     model.eval()
 

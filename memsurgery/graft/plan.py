@@ -44,7 +44,7 @@ class GraftPlan(BaseModel):
     heldout_tokens: int = 16384
     seq_len: int = 256
     kmeans_iters: int = 20
-    distill_steps: int = 300
+    distill_steps: int = 150
     trace_facts: str | None = None
     seed: int = 0
 

@@ -130,7 +130,9 @@ def test_deterministic_by_seed(pairs):
     assert not torch.equal(a["values"], c["values"])
 
 
-@pytest.mark.parametrize(("init", "value_optimizer"), [("dense", "sparse"), ("dense", "dense"), ("smoother", "auto")])
+@pytest.mark.parametrize(
+    ("init", "value_optimizer"), [("dense", "sparse"), ("dense", "dense"), ("smoother", "auto")]
+)
 def test_unrouted_rows_keep_their_init(pairs, init, value_optimizer):
     x, y = pairs[0]
     layer = _layer(x[:1024], slots=4096)
@@ -139,8 +141,9 @@ def test_unrouted_rows_keep_their_init(pairs, init, value_optimizer):
     picked = torch.zeros(4096, dtype=torch.bool)
     picked[idx.reshape(-1)] = True
     assert 0 < int(picked.sum()) < 4096
-    distill_memory(layer, x[:64], y[:64], steps=10, batch_tokens=32, init=init,
-                   value_optimizer=value_optimizer)
+    distill_memory(
+        layer, x[:64], y[:64], steps=10, batch_tokens=32, init=init, value_optimizer=value_optimizer
+    )
     after = layer.value_table.weight.detach()
     assert torch.equal(after[~picked], before[~picked])
     assert not torch.equal(after[picked], before[picked])
@@ -160,7 +163,9 @@ def test_joint_layers_share_one_table(pairs):
         x, y = pairs[int(name)]
         assert rec["train_fve_final"] > rec["train_fve_closed_form"] + 0.1
         assert rec["heldout_fve_final"] > rec["heldout_fve_closed_form"]
-        assert _nmse(bank[name], x[:1536], y[:1536]) == pytest.approx(1 - rec["train_fve_final"], rel=1e-3)
+        assert _nmse(bank[name], x[:1536], y[:1536]) == pytest.approx(
+            1 - rec["train_fve_final"], rel=1e-3
+        )
 
     other = _bank(seed=1)["0"]  # a layer on another table
     x, y = pairs[0]
@@ -200,7 +205,9 @@ def test_frozen_dense_path_and_restored_flags(pairs):
     dense = {k: v.detach().clone() for k, v in layer.state_dict().items()}
     flags = {k: p.requires_grad for k, p in layer.named_parameters()}
     values = layer.value_table.weight.detach().clone()
-    info = distill_memory(layer, x[:1024], y[:1024], steps=10, batch_tokens=256, init="none", lr_dense=0)
+    info = distill_memory(
+        layer, x[:1024], y[:1024], steps=10, batch_tokens=256, init="none", lr_dense=0
+    )
     for k, v in layer.state_dict().items():  # W_g, W_o, query, keys untouched
         assert torch.equal(v, dense[k]), k
     assert not torch.equal(layer.value_table.weight, values)  # only the values learned

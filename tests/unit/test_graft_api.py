@@ -186,3 +186,17 @@ def test_import_memsurgery_registers_for_plain_from_pretrained(tiny_src, calib_t
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1].startswith("memsurgery.")
+
+
+def test_replace_distill_fits_all_layers_jointly(tiny_src, calib_txt, tmp_path):
+    from memsurgery.graft import graft
+
+    common = dict(calib=str(calib_txt), mode="replace", layers=[0, 1], **SMALL)
+    _, zero = graft(tiny_src["llama"], None, values="zero", **common)
+    model, rep = graft(tiny_src["llama"], None, values="distill", distill_steps=40, **common)
+    info = rep["distill"]
+    # One joint fit over both layers (they share the value table), not one per layer.
+    assert info["steps"] == 40 and set(info["layers"]) == {"0", "1"}
+    for layer in info["layers"].values():
+        assert layer["heldout_fve_final"] > 0.0
+    assert rep["check"]["ppl_ratio"] < zero["check"]["ppl_ratio"]
