@@ -16,6 +16,12 @@ from typing import Iterator
 from memsurgery.errors import InputError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def check_output_dir(out: Path, force: bool) -> None:
     """Refuse an existing non-empty output directory unless `force`."""
     out = Path(out)
@@ -38,6 +44,8 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    # mkdtemp makes the directory 0700; give it the permissions a plain mkdir would.
+    os.chmod(tmp, 0o777 & ~_umask())
     # Swap in: move the old directory aside first so a failure never loses both.
     old = None
     if out.exists():
@@ -59,6 +67,8 @@ def atomic_file(path: Path, mode: str = "wb") -> Iterator:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
+        # mkstemp makes the file 0600; give it the permissions a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -13,6 +13,8 @@ avoids the duplicate for tied weights by omitting the tied alias (e.g.
 
 from __future__ import annotations
 
+import os
+
 import json
 import re
 from pathlib import Path
@@ -128,6 +130,11 @@ def save_state_dict_sharded(
     written: list[str] = []
     for fname, names in plan.filename_to_tensors.items():
         save_file({n: tensors[n] for n in names}, str(out_dir / fname), metadata=file_meta)
+        # safetensors creates its files 0600; a published checkpoint should be readable
+        # like any file the user writes (0666 minus the umask).
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(out_dir / fname, 0o666 & ~mask)
         written.append(fname)
     if plan.is_sharded:
         index = {

@@ -147,6 +147,20 @@ def test_writer_inside_atomic_output_dir(tmp_path):
     assert not (tmp_path / "out2").exists()
 
 
+def test_atomic_outputs_get_ordinary_permissions(tmp_path):
+    """Temp files/dirs are created 0600/0700; published outputs must not stay private."""
+    import os
+
+    mask = os.umask(0o022)
+    try:
+        with atomic_output_dir(tmp_path / "o") as tmp:
+            save_state_dict_sharded(_state(), tmp)
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o755
+    assert (tmp_path / "o" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 # --------------------------------------------------------------------------- save_hf_model round trips
 
 
