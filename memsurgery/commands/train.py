@@ -1,0 +1,74 @@
+"""`memsurgery train RECIPE.yaml [--set key=value ...] [--resume] [--dry-run]` (docs/recipes.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+def register(app) -> None:
+    """Add this module's commands to the Typer app."""
+
+    @app.command()
+    def train(
+        recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML); see recipes/ and docs/recipes.md.")],
+        set_: Annotated[list[str] | None, typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.steps=50 (value parsed as YAML); repeatable.")] = None,
+        resume: Annotated[bool, typer.Option(
+            "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
+        dry_run: Annotated[bool, typer.Option(
+            "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
+        json_out: Annotated[bool, typer.Option(
+            "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
+    ) -> None:
+        """Train a grafted (or dense) checkpoint from a YAML recipe: memory, sparse_memory, full or lora."""
+        import json
+        import os
+        import sys
+
+        from rich.console import Console
+
+        from memsurgery.train import run
+
+        # With --json, stdout carries only the JSON document; messages go to stderr.
+        console = Console(stderr=json_out)
+
+        def log(msg) -> None:
+            console.print(str(msg), markup=False, highlight=False)
+
+        summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
+        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+            return
+        if json_out:
+            sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
+        elif dry_run:
+            _render_plan(console, summary["plan"])
+        else:
+            console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
+                          f"(final loss {summary['final_loss']:.4f}"
+                          + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
+                          + f"); model in {summary['final_dir']}", markup=False)
+
+
+def _render_plan(console, plan: dict) -> None:
+    from rich.table import Table
+
+    d = plan["data"]
+    console.print(f"model: {plan['model']} ({'grafted' if plan['grafted'] else 'dense'}), method {plan['method']}, "
+                  f"{plan['device']} {plan['precision']}, {plan['world_size']} process(es)", markup=False)
+    console.print(f"data: {d['train']} ({d['format']}): {d['train_sequences']} sequences, {d['train_tokens']:,} "
+                  f"tokens, seq_len {d['seq_len']}, packing {d['packing']}; eval {d['eval_sequences']} sequences",
+                  markup=False)
+    table = Table(title="parameters by group")
+    for col in ("group", "params", "trainable", "lr", "weight decay", "optimizer"):
+        table.add_column(col, justify="right")
+    for g, r in plan["groups"].items():
+        table.add_row(g, f"{r['params']:,}", f"{r['trainable']:,}", f"{r['lr']:g}", f"{r['weight_decay']:g}",
+                      r["optimizer"] if r["trainable"] else "frozen")
+    console.print(table)
+    console.print(f"trainable {plan['trainable_params']:,} of {plan['total_params']:,} parameters; "
+                  f"{plan['steps']} steps x {plan['sequences_per_step']} sequences "
+                  f"(<= {plan['tokens_per_step_max']:,} tokens/step, <= {plan['tokens_total_max']:,} in all, "
+                  f"{plan['epochs']} epochs)", markup=False)

@@ -1,0 +1,724 @@
+"""`memsurgery train`: the training run behind the CLI and `memsurgery.train.run`.
+
+One optimizer step consumes batch_size x grad_accum x world_size sequences from a
+seeded, resumable order. The loss is a token-level mean over the whole global
+batch (each micro-batch's summed cross-entropy divided by the global target
+count), so gradient accumulation and data parallelism give the same steps as one
+big batch. Value-table gradients are row-sparse, restricted to rows real (non-pad)
+tokens read, and for sparse_memory to the top-t TF-IDF slots of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memsurgery.errors import InputError, RuntimeFailure
+from memsurgery.train import checkpoint as ckpt
+from memsurgery.train import data as D
+from memsurgery.train.dist import (
+    DistInfo,
+    all_reduce_sum,
+    barrier,
+    init_from_env,
+    reduce_dense_grads,
+    reduce_sparse_grad,
+)
+from memsurgery.train.params import (
+    Optimizers,
+    all_group_counts,
+    apply_lora,
+    grad_norm_,
+    schedule_multiplier,
+    select_trainable,
+)
+from memsurgery.train.recipe import GROUPS, RESUMABLE_CHANGES, Recipe, load_recipe, recipe_diff
+
+
+def _default_log(msg: str) -> None:
+    sys.stderr.write(msg + "\n")
+
+
+# ---------------------------------------------------------------- model
+
+
+def load_model_and_tokenizer(path: str):
+    p = Path(path)
+    cfg_path = p / "config.json"
+    if not cfg_path.is_file():
+        raise InputError(f"model: {path} is not a Hugging Face model directory (no config.json); "
+                         "give a grafted directory from `memsurgery graft` or a dense one")
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise InputError(f"model: cannot read {cfg_path} ({type(err).__name__})") from None
+    with _quiet_transformers():
+        return _load(p, path, cfg)
+
+
+@contextmanager
+def _quiet_transformers():
+    """transformers' load/save progress bars off: stderr is for the one-line error."""
+    from transformers.utils import logging as tf_logging
+
+    bars = tf_logging.is_progress_bar_enabled()
+    tf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            tf_logging.enable_progress_bar()
+
+
+def _load(p: Path, path: str, cfg: dict):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memsurgery.graft import hf
+
+    try:
+        if hf.is_grafted_config(cfg):
+            model = hf.load_grafted(p, dtype=torch.float32)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(p)
+    except InputError:
+        raise
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"model: cannot load {path}: {type(err).__name__}: {err}") from None
+    return model, tokenizer
+
+
+def _max_positions(model) -> int | None:
+    cfg = model.config
+    for k in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        v = getattr(cfg, k, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def _device(spec) -> torch.device:
+    if spec.device == "cuda" or (spec.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise InputError("train.device: cuda requested but no CUDA device is available; use auto or cpu")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+# ---------------------------------------------------------------- reporting
+
+
+class _Reporter:
+    """metrics.jsonl, optional TensorBoard, progress bar or periodic log lines (rank 0 only)."""
+
+    def __init__(self, run_dir: Path | None, recipe: Recipe, total: int, start: int, main: bool, log):
+        self.main, self.log, self.total = main, log, total
+        self.fh = None
+        self.tb = None
+        self.progress = None
+        self.task = None
+        if not main or run_dir is None:
+            return
+        # Open for the whole run (closed in close()); each record is flushed as written.
+        self.fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        if recipe.log.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                log("warning: log.tensorboard is on but tensorboard is not installed "
+                    "(pip install tensorboard); logging to metrics.jsonl only")
+        mode = recipe.log.progress
+        if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(
+                TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]}"), TextColumn("lr {task.fields[lr]}"),
+                TextColumn("{task.fields[tps]} tok/s"), TextColumn("ETA"), TimeRemainingColumn(),
+            )
+            self.progress.start()
+            self.task = self.progress.add_task("train", total=total, completed=start, loss="-", lr="-", tps="-")
+
+    def write(self, rec: dict) -> None:
+        if self.fh is not None:
+            self.fh.write(json.dumps(rec) + "\n")
+            self.fh.flush()
+        if self.tb is not None:
+            for k, v in rec.items():
+                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
+                    self.tb.add_scalar(k, v, rec.get("step", 0))
+
+    def step(self, step: int, rec: dict, line: bool) -> None:
+        if not self.main:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, loss=f"{rec['loss']:.4f}",
+                                 lr=f"{rec['lr']:.2e}", tps=f"{rec['tokens_per_s']:.0f}")
+        elif line:
+            extra = "".join(f" {k} {rec[k]:,}" if isinstance(rec[k], int) else f" {k} {rec[k]:.4g}"
+                            for k in ("slots_touched", "slots_updated", "pct_used", "usage_kl") if k in rec)
+            self.log(f"step {step}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+                     f"{rec['tokens_per_s']:.0f} tok/s{extra}")
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+        if self.fh is not None:
+            self.fh.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ---------------------------------------------------------------- loss
+
+
+def _loss_sum(model, batch, device, autocast) -> tuple[torch.Tensor, int]:
+    ids = batch["input_ids"].to(device)
+    mask = batch["attention_mask"].to(device)
+    labels = batch["labels"].to(device)
+    with autocast():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    tgt = labels[:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                           ignore_index=D.IGNORE, reduction="sum")
+    return loss, int((tgt != D.IGNORE).sum())
+
+
+@torch.no_grad()
+def evaluate(model, seqs, batch_size: int, pad_id: int, device, autocast, max_batches) -> float:
+    was = model.training
+    model.eval()
+    total, n = 0.0, 0
+    try:
+        for b, start in enumerate(range(0, len(seqs), batch_size)):
+            if max_batches is not None and b >= max_batches:
+                break
+            batch = D.collate(seqs, list(range(start, min(start + batch_size, len(seqs)))), pad_id)
+            loss, cnt = _loss_sum(model, batch, device, autocast)
+            total += float(loss)
+            n += cnt
+    finally:
+        model.train(was)
+    return total / max(n, 1)
+
+
+def _probe(core, tokenizer, spec, log, warned: list) -> dict | None:
+    try:
+        from memsurgery.probe.api import quick_eval
+    except ImportError:
+        if not warned:
+            log("warning: eval.probe is set but memsurgery.probe is not available; skipping probe evaluation")
+            warned.append(True)
+        return None
+    was = core.training
+    core.eval()
+    try:
+        return quick_eval(core, tokenizer, spec.facts, spec.limit)
+    finally:
+        core.train(was)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def _prepare_run_dir(recipe: Recipe, resume: bool, main: bool, log) -> Path:
+    run_dir = Path(recipe.output_dir)
+    saved = run_dir / "recipe.yaml"
+    has_run = (run_dir / "checkpoints").is_dir() or (run_dir / "final").exists() or saved.is_file()
+    if has_run and not resume:
+        raise InputError(f"output_dir {run_dir} already holds a run; pass --resume to continue it, "
+                         "or choose another output_dir")
+    if resume and saved.is_file():
+        import yaml
+
+        old = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        diff = [k for k in recipe_diff(old, recipe.model_dump(mode="json"))
+                if not any(k == p or k.startswith(p) for p in RESUMABLE_CHANGES)]
+        if diff:
+            raise InputError(f"--resume: the recipe differs from the one this run started with in "
+                             f"{', '.join(diff[:8])}; resume with the same settings ({saved})")
+    return run_dir
+
+
+def _write_recipe(run_dir: Path, recipe: Recipe) -> None:
+    from memsurgery._atomic import atomic_file
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_file(run_dir / "recipe.yaml", "w") as fh:
+        fh.write(recipe.to_yaml())
+
+
+def _trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics logged after `step` by a run that died before its next checkpoint."""
+    from memsurgery._atomic import atomic_file
+
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                keep.append(line)
+        except ValueError:
+            continue  # a line cut by the kill
+    with atomic_file(path, "w") as fh:
+        fh.write("".join(k + "\n" for k in keep))
+
+
+def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry_run: bool = False,
+        log=None) -> dict:
+    """Train as the recipe says; returns a JSON-able summary (see docs/recipes.md)."""
+    log = log or _default_log
+    recipe = load_recipe(recipe, overrides).resolved()
+    device = _device(recipe.train)
+    dist = init_from_env(device.type)
+    if dist.active and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
+    main = dist.main
+    say = log if main else (lambda m: None)
+    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
+
+    run_dir = None if dry_run else _prepare_run_dir(recipe, resume, main, say)
+    barrier(dist)  # every rank checks the directory before rank 0 writes into it
+    torch.manual_seed(recipe.seed + dist.rank)
+    random.seed(recipe.seed + dist.rank)
+    try:
+        import numpy as np
+
+        np.random.seed((recipe.seed + dist.rank) % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
+
+    # ---- model and data
+    t0 = time.perf_counter()
+    from memsurgery.graft import hf
+
+    core, tokenizer = load_model_and_tokenizer(recipe.model)
+    grafted = hf.is_grafted_model(core)
+    max_len = _max_positions(core)
+    spec = recipe.data
+    train_seqs = D.load_sequences(spec.train, tokenizer, spec, key="data.train", max_len=max_len, log=say)
+    eval_seqs = None
+    if spec.eval:
+        eval_seqs = D.load_sequences(spec.eval, tokenizer, spec, key="data.eval", max_len=max_len, log=say)
+    else:
+        train_seqs, eval_seqs = D.split_heldout(train_seqs, recipe.eval.heldout_fraction, recipe.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    table = None
+    dp = dist  # the data-parallel view: who reads which sequences, who sums gradients
+    if recipe.memory_parallel > 1:
+        table = _shard_table(core, recipe.memory_parallel, dist, grafted)
+        dp = DistInfo()  # every rank of a memory-parallel group reads the same tokens
+    model = apply_lora(core, recipe.lora) if recipe.train.method == "lora" else core
+    groups = select_trainable(model, recipe, grafted)
+    model.to(device)
+    if recipe.fsdp:
+        _apply_fsdp(core, dist, grafted)
+        groups = select_trainable(model, recipe, grafted)  # fully_shard replaced the Parameters
+    collective = table is not None or recipe.fsdp  # checkpoints and probes need every rank
+    trainable = [p for g in groups.values() for _, p in g]
+    counts_all = all_group_counts(model)
+    per_step = recipe.train.batch_size * recipe.train.grad_accum * dp.world
+    plan = {
+        "model": recipe.model, "grafted": grafted, "method": recipe.train.method,
+        "device": str(device), "precision": "bf16-autocast" if bf16 else "fp32", "world_size": dist.world,
+        "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
+        "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
+                 "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
+                 "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached")},
+        "groups": {g: {"params": counts_all.get(g, 0), "trainable": sum(p.numel() for _, p in groups.get(g, [])),
+                       "lr": recipe.lr(g), "weight_decay": getattr(recipe.optim.groups, g).weight_decay,
+                       "optimizer": ("sparse-row-" + recipe.optim.value_optimizer) if g == "values" else "adamw"}
+                   for g in GROUPS if counts_all.get(g)},
+        "trainable_params": sum(p.numel() for p in trainable),
+        "total_params": sum(counts_all.values()),
+        "steps": recipe.train.steps,
+        "sequences_per_step": per_step,
+        "tokens_per_step_max": per_step * spec.seq_len,
+        "tokens_total_max": per_step * spec.seq_len * recipe.train.steps,
+        "epochs": round(per_step * recipe.train.steps / max(len(train_seqs), 1), 3),
+        "load_seconds": round(time.perf_counter() - t0, 2),
+    }
+    if dry_run:
+        return {"dry_run": True, "recipe": recipe.model_dump(mode="json"), "plan": plan}
+
+    assert run_dir is not None
+    if main:  # only now: a recipe that fails on its inputs leaves no run directory behind
+        _write_recipe(run_dir, recipe)
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
+    opt = Optimizers(groups, recipe)
+    values_param = groups["values"][0][1] if "values" in groups else None
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2 reduce-scatters its own (DTensor) gradients; we sum the rest over ranks.
+    dense_params = [p for g, ps in groups.items() if g != "values" for _, p in ps if not isinstance(p, DTensor)]
+    bank = core.memory_bank if grafted else None
+    slots = bank.values.weight.shape[0] if grafted else 0
+    idf = None
+    if recipe.train.method == "sparse_memory":
+        from memsurgery.train.smf import background_idf
+
+        idf_path = run_dir / "background_idf.safetensors"
+        if resume and idf_path.is_file():
+            from safetensors.torch import load_file
+
+            idf = load_file(str(idf_path))["idf"]
+        else:
+            idf, _ = background_idf(core, tokenizer, recipe.sparse, slots, device, log=say)
+            if main:
+                from safetensors.torch import save
+
+                from memsurgery._atomic import atomic_file
+
+                with atomic_file(idf_path) as fh:
+                    fh.write(save({"idf": idf.contiguous()}))
+        idf = idf.to(device)
+    if grafted:
+        bank.set_record(True)  # slot counts for telemetry, pad-row masking and SMF
+
+    # ---- state (fresh or resumed)
+    step, position, consecutive, skipped, tokens_seen = 0, 0, 0, 0, 0
+    usage = torch.zeros(slots, dtype=torch.float64) if grafted else None
+    resumed_from = None
+    if resume:
+        path = ckpt.latest_valid(run_dir, log=say)
+        if path is None:
+            say(f"--resume: no valid checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+        else:
+            tensors, jsons = ckpt.load_checkpoint(path)
+            weights = tensors["trainable.safetensors"]
+            names = {n for ps in groups.values() for n, _ in ps}
+            if set(weights) != names:
+                raise InputError(f"--resume: {path} holds different trainable parameters than this recipe trains")
+            otensors = tensors["optimizer.safetensors"]
+            if table is not None:  # checkpoints hold the full table: take this rank's columns
+                cols = slice(table.col_start, table.col_stop)
+                weights = {n: (w[:, cols] if n.endswith("memory_bank.values.weight") else w)
+                           for n, w in weights.items()}
+                otensors = {k: (t[:, cols].contiguous() if k.startswith("values.") and t.dim() == 2 else t)
+                            for k, t in otensors.items()}
+            with torch.no_grad():
+                for ps in groups.values():
+                    for n, p in ps:
+                        w = weights[n].to(p.device, p.dtype)
+                        if isinstance(p, DTensor):
+                            from torch.distributed.tensor import distribute_tensor
+
+                            w = distribute_tensor(w, p.device_mesh, p.placements)
+                        p.copy_(w)
+            opt.load_tensors_and_json(otensors, jsons["optimizer.json"])
+            st = jsons["state.json"]
+            step, position = st["step"], st["position"]
+            consecutive, skipped, tokens_seen = st["consecutive_nonfinite"], st["skipped"], st["tokens_seen"]
+            if grafted and "usage" in tensors["state.safetensors"]:
+                usage = tensors["state.safetensors"]["usage"].clone()
+            if dist.main:
+                ckpt.set_rng_state(tensors["state.safetensors"], st["rng"])
+            resumed_from = str(path)
+            say(f"resumed from {path} (step {step})")
+            if main:
+                _trim_metrics(run_dir, step)
+    barrier(dist)
+
+    # ---- the loop
+    total = recipe.train.steps
+    order = D.Order(len(train_seqs), recipe.seed)
+    bs, accum = recipe.train.batch_size, recipe.train.grad_accum
+    reporter = _Reporter(run_dir, recipe, total, step, main, say)
+    window = torch.zeros(slots, dtype=torch.float64) if grafted else None
+    losses: list[float] = []
+    last_ckpt = resumed_from
+    probe_warned: list = []
+    eval_loss = None
+    t_train = time.perf_counter()
+    tokens_run = 0
+    model.train()
+    try:
+        while step < total:
+            t_step = time.perf_counter()
+            lrs = opt.set_multiplier(schedule_multiplier(recipe.optim.schedule, step, total))
+            idx = order.take(position, per_step)
+            micro = [idx[(m * dp.world + dp.rank) * bs:(m * dp.world + dp.rank + 1) * bs]
+                     for m in range(accum)]
+            batches = [D.collate(train_seqs, mi, pad_id) for mi in micro]
+            local = torch.tensor([sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches),
+                                  sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
+            all_reduce_sum(local, dp)
+            n_targets, n_tokens = int(local[0]), int(local[1])
+            loss_acc = torch.zeros((), dtype=torch.float64)
+            step_counts = torch.zeros(slots, dtype=torch.float64, device=device) if grafted else None
+            for b in batches:
+                loss, _ = _loss_sum(model, b, device, autocast)
+                if grafted:
+                    from memsurgery.train.smf import batch_slot_counts
+
+                    step_counts += batch_slot_counts(core, b["attention_mask"].to(device), slots)
+                (loss / max(n_targets, 1)).backward()
+                loss_acc += loss.detach().double().cpu()
+            position += per_step
+
+            # ---- gradients: coalesce, keep rows real tokens read, reduce over ranks
+            kept_rows = None
+            if values_param is not None and values_param.grad is not None and values_param.grad.is_sparse:
+                from memsurgery.train.smf import mask_sparse_rows
+
+                values_param.grad = values_param.grad.coalesce()
+                mask_sparse_rows(values_param, step_counts > 0)
+            if values_param is not None:
+                reduce_sparse_grad(values_param, dp)
+            reduce_dense_grads(dense_params, dp)
+            if grafted:
+                all_reduce_sum(step_counts, dp)
+            all_reduce_sum(loss_acc, dp)
+            if idf is not None and values_param is not None and values_param.grad is not None:
+                from memsurgery.train.smf import mask_sparse_rows, top_slots
+
+                top = top_slots(step_counts, idf, recipe.sparse.top_t)
+                keep = torch.zeros(slots, dtype=torch.bool, device=device)
+                keep[top] = True
+                kept_rows = mask_sparse_rows(values_param, keep)
+            step_loss = float(loss_acc) / max(n_targets, 1)
+            norm = grad_norm_(trainable, recipe.train.max_grad_norm,
+                              sharded=[values_param] if table is not None and values_param is not None else (),
+                              reduce=lambda t: all_reduce_sum(t, dist))
+            finite = math.isfinite(step_loss) and math.isfinite(norm)
+            if finite:
+                opt.step()
+                consecutive = 0
+            else:
+                consecutive += 1
+                skipped += 1
+                say(f"warning: step {step + 1}: non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'}"
+                    f" ({step_loss if not math.isfinite(step_loss) else norm}); skipped "
+                    f"({consecutive} in a row, limit {recipe.nonfinite.max_consecutive})")
+            opt.zero_grad()
+            step += 1
+            tokens_seen += n_tokens
+            tokens_run += n_tokens
+
+            dt = time.perf_counter() - t_step
+            rec = {"step": step, "loss": step_loss, "lr": lrs.get("values", next(iter(lrs.values()))),
+                   "lrs": lrs, "grad_norm": norm, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
+                   "seconds": dt, "skipped": not finite}
+            losses.append(step_loss)
+            is_log = step % recipe.log.every == 0 or step == total
+            if grafted:
+                c = step_counts.cpu()
+                rec["slots_touched"] = int((c > 0).sum())
+                if kept_rows is not None:
+                    rec["slots_updated"] = kept_rows
+                usage += c
+                window += c
+                if is_log:
+                    from memsurgery.telemetry import usage_stats
+
+                    rec["pct_used"] = 100.0 * float((usage > 0).sum()) / slots
+                    rec["usage_kl"] = usage_stats(window)["kl_uniform_count"]
+                    window.zero_()
+            if main:
+                reporter.write(rec)
+            reporter.step(step, rec, is_log)
+            if consecutive >= recipe.nonfinite.max_consecutive:
+                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
+                raise RuntimeFailure(f"training stopped at step {step}: {consecutive} non-finite steps in a row "
+                                     f"(nonfinite.max_consecutive); {where}; lower the learning rates or check the data")
+
+            if (recipe.eval.every and step % recipe.eval.every == 0) or step == total:
+                erec = {"step": step}
+                if eval_seqs is not None and len(eval_seqs):
+                    eval_loss = evaluate(model, eval_seqs, bs, pad_id, device, autocast, recipe.eval.max_batches)
+                    erec["eval_loss"] = eval_loss
+                # Memory-parallel forwards are collective: every rank runs the probe.
+                if recipe.eval.probe is not None and (main or collective):
+                    pr = _probe(core, tokenizer, recipe.eval.probe, say, probe_warned)
+                    if pr is not None:
+                        erec["probe"] = pr
+                if len(erec) > 1 and main:
+                    reporter.write(erec)
+                    if "eval_loss" in erec:
+                        say(f"step {step}: eval loss {eval_loss:.4f}")
+                    if isinstance(erec.get("probe"), dict) and "exact_match" in erec["probe"]:
+                        say(f"step {step}: probe exact match {erec['probe']['exact_match']:.3f} "
+                            f"on {erec['probe'].get('n', '?')} facts")
+
+            if finite and (step % recipe.checkpoint.every == 0 or step == total):
+                saved = _save(run_dir, step, groups, opt, position, consecutive, skipped, tokens_seen, usage,
+                              recipe, table, main, collective)
+                last_ckpt = str(saved) if saved is not None else last_ckpt
+                barrier(dist)
+    finally:
+        reporter.close()
+        if grafted:
+            bank.set_record(False)
+    seconds = time.perf_counter() - t_train
+
+    final_dir = run_dir / "final"
+    if table is not None:
+        _unshard_table(core, table, main)
+    if recipe.fsdp:
+        model = _unsharded_copy(core, recipe, main)
+    if main:
+        _save_final(model, tokenizer, recipe, final_dir, grafted)
+    barrier(dist)
+    summary = {
+        "run_dir": str(run_dir), "final_dir": str(final_dir), "method": recipe.train.method,
+        "steps": step, "skipped_steps": skipped, "resumed_from": resumed_from,
+        "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": eval_loss,
+        "tokens": tokens_seen, "seconds": round(seconds, 3),
+        "tokens_per_s": tokens_run / seconds if seconds > 0 and tokens_run else None,
+        "trainable_params": plan["trainable_params"], "groups": plan["groups"], "last_checkpoint": last_ckpt,
+        "world_size": dist.world,
+    }
+    if grafted and usage is not None:
+        summary["pct_slots_used"] = 100.0 * float((usage > 0).sum()) / slots
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if dist.owned:
+        import torch.distributed as tdist
+
+        tdist.destroy_process_group()
+    return summary
+
+
+def _shard_table(core, mp: int, dist, grafted: bool):
+    """Column-shard the value table over all ranks (memory_parallel == processes)."""
+    if not grafted:
+        raise InputError(f"memory_parallel: {mp} needs a grafted model (it shards the memory's value table)")
+    if dist.world != mp:
+        raise InputError(f"memory_parallel: {mp} needs exactly {mp} processes (torchrun --nproc-per-node {mp}), "
+                         f"got {dist.world}; combining it with data parallelism is not supported yet")
+    from memsurgery.parallel import shard_bank
+
+    shard_bank(core.memory_bank)
+    return core.memory_bank.values
+
+
+def _unshard_table(core, table, main: bool) -> None:
+    """Gather the full table onto rank 0 and put it back in the model (for final/)."""
+    from memsurgery.memory.values import SharedValueTable
+    from memsurgery.parallel import gather_full_table
+
+    full = gather_full_table(table, dst=0)
+    if main:
+        plain = SharedValueTable(full.shape[0], full.shape[1], dtype=full.dtype, device=full.device)
+        with torch.no_grad():
+            plain.weight.copy_(full)
+        bank = core.memory_bank
+        bank.values = plain
+        for _, layer in bank:
+            layer.bind_values(plain)
+
+
+def _apply_fsdp(core, dist, grafted: bool) -> None:
+    """FSDP2: shard every decoder layer and the rest of the base over all ranks.
+
+    The memory bank stays out (ignored_params): its row-sparse table gradient and
+    small dense parameters are summed over ranks by our own collectives. Gradients
+    are summed, not averaged (divide factor 1), because each rank's loss is already
+    divided by the global batch's token count.
+    """
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+
+    from memsurgery.arch import spec_for_config
+
+    if not dist.active:
+        raise InputError("fsdp: true needs several processes; launch with torchrun --nproc-per-node N")
+    ignored = set(core.memory_bank.parameters()) if grafted else None
+    layers = core.decoder_layers() if grafted else spec_for_config(core.config).get_layers(core)
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(core, ignored_params=ignored)
+    for m in core.modules():
+        if isinstance(m, FSDPModule):
+            m.set_gradient_divide_factor(1.0)
+            m.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM
+
+
+def _unsharded_copy(core, recipe, main: bool):
+    """Gather every FSDP2 shard (collective) into a fresh, ordinary model on rank 0."""
+    from torch.distributed.tensor import DTensor
+
+    full = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for n, p in core.named_parameters()}
+    if not main:
+        return None
+    fresh, _ = load_model_and_tokenizer(recipe.model)
+    result = fresh.load_state_dict(full, strict=False)
+    if result.unexpected_keys:
+        raise RuntimeFailure(f"fsdp: cannot rebuild the final model (unexpected {result.unexpected_keys[:3]})")
+    return fresh
+
+
+def _save(run_dir, step, groups, opt, position, consecutive, skipped, tokens_seen, usage, recipe,
+          table=None, main=True, collective=False) -> Path | None:
+    """Write a checkpoint (rank 0). With a sharded table or FSDP2 every rank must call it:
+    shards (the table's columns, its row-Adam moments, FSDP2 parameters and AdamW state)
+    are gathered to full size, so a checkpoint is the same whatever the number of ranks."""
+    from torch.distributed.tensor import DTensor
+
+    if not collective and not main:
+        return None
+    weights = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+               for ps in groups.values() for n, p in ps}
+    otensors, ojson = opt.state_tensors_and_json()
+    if table is not None:
+        from memsurgery.parallel import gather_columns, gather_full_table
+
+        for n in weights:
+            if n.endswith("memory_bank.values.weight"):
+                weights[n] = gather_full_table(table, dst=0)
+        for k in sorted(otensors):
+            t = otensors[k]
+            if k.startswith("values.") and t.dim() == 2 and t.shape[1] == table.local_v_dim:
+                otensors[k] = gather_columns(t.to(table.weight.device), table, dst=0)
+        if not main:
+            return None
+        weights = {n: w.cpu() for n, w in weights.items()}
+        otensors = {k: t.cpu() for k, t in otensors.items()}
+    if not main:
+        return None
+    rtensors, rjson = ckpt.rng_state()
+    state_t = dict(rtensors)
+    if usage is not None:
+        state_t["usage"] = usage
+    state = {"step": step, "position": position, "consecutive_nonfinite": consecutive, "skipped": skipped,
+             "tokens_seen": tokens_seen, "rng": rjson}
+    return ckpt.save_checkpoint(
+        run_dir, step,
+        {"trainable.safetensors": weights, "optimizer.safetensors": otensors, "state.safetensors": state_t},
+        {"optimizer.json": ojson, "state.json": state}, recipe.checkpoint.keep_last)
+
+
+def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> None:
+    from memsurgery._atomic import atomic_output_dir
+    from memsurgery.graft import hf
+
+    out = model
+    if recipe.train.method == "lora":
+        out = model.merge_and_unload()  # adapters folded into the base weights
+    out.eval()
+    info = json.dumps({"recipe": recipe.model_dump(mode="json"), "source_model": recipe.model}, indent=2) + "\n"
+    with _quiet_transformers(), atomic_output_dir(final_dir, force=True) as tmp:
+        if grafted:
+            hf.save_grafted(out.to("cpu"), tmp, tokenizer=tokenizer, extra_files={"train.json": info})
+        else:
+            out.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "train.json").write_text(info, encoding="utf-8")
+
+
+__all__ = ["evaluate", "load_model_and_tokenizer", "run"]
