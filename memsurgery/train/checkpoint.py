@@ -16,7 +16,6 @@ manifest; a damaged checkpoint is reported and the previous one is used.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -26,18 +25,13 @@ from pathlib import Path
 
 import torch
 
+from memsurgery._hashing import sha256_file as _sha256
 from memsurgery.errors import InputError
 
 FORMAT = "memsurgery.train.checkpoint/1"
 _NAME = re.compile(r"^step-(\d{8})$")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:

@@ -36,6 +36,7 @@ from urllib.parse import parse_qsl
 
 import torch
 
+from memsurgery._hashing import sha256_file as _file_digest
 from memsurgery.errors import InputError, one_line
 
 CACHE_VERSION = 1
@@ -245,12 +246,6 @@ def _sequences(examples, spec, key: str, log) -> tuple[list, dict]:
     return kept, info
 
 
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _tokenizer_digest(tokenizer) -> str:
