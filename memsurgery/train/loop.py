@@ -714,7 +714,12 @@ def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> Non
     info = json.dumps({"recipe": recipe.model_dump(mode="json"), "source_model": recipe.model}, indent=2) + "\n"
     with _quiet_transformers(), atomic_output_dir(final_dir, force=True) as tmp:
         if grafted:
-            hf.save_grafted(out.to("cpu"), tmp, tokenizer=tokenizer, extra_files={"train.json": info})
+            extra = {"train.json": info}
+            # Keep the graft's provenance (source SHA-256, plan, init statistics) with the trained model.
+            graft_json = Path(recipe.model) / "graft.json"
+            if graft_json.is_file():
+                extra["graft.json"] = graft_json.read_text(encoding="utf-8")
+            hf.save_grafted(out.to("cpu"), tmp, tokenizer=tokenizer, extra_files=extra)
         else:
             out.to("cpu").save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))

@@ -1,0 +1,63 @@
+"""`memsurgery demo` end to end on the real checkpoint at a tiny budget, then a cached rerun."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from memsurgery.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def _run(argv, capsys):
+    try:
+        main(argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_demo_end_to_end_then_reuse(smollm2_hf, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "400")  # rich would wrap long paths mid-phrase
+    out = tmp_path / "demo"
+    out.mkdir()
+    # The session fixture already converted the same GGUF: the demo must recognise it.
+    shutil.copytree(smollm2_hf, out / "smollm2-135m")
+    argv = ["demo", "--out", str(out), "--people", "5", "--steps", "5", "--world-limit", "20"]
+    code, text, err = _run(argv, capsys)
+    assert code == 0, err
+    assert "reusing" in text and "converted from the same GGUF" in text
+
+    probe = out / "probe"
+    for name in ("report.json", "report.md", "report.html", "samples.jsonl"):
+        assert (probe / name).is_file(), name
+    export = out / "smollm2-135m-people"
+    for name in ("config.json", "modeling_memsurgery.py", "graft.json", "README.md", "SHA256SUMS",
+                 "reports/probe/report.html"):
+        assert (export / name).is_file(), name
+    assert (out / "train-run" / "final" / "config.json").is_file()
+
+    summary = json.loads((out / "demo-summary.json").read_text())["summary"]
+    assert summary["people"] == 5 and summary["steps"] == 5
+    # 5 people x 6 relations probed; the base model cannot know fictional people.
+    report = json.loads((probe / "report.json").read_text())
+    assert report["fact_sets"][next(k for k in report["fact_sets"] if "people" in k)] == 60
+    assert summary["injected_em"]["base"] == 0.0
+    assert summary["known_em"]["base"] > 0.0  # SmolLM2 knows some capitals and symbols
+    assert "knowledge injection" in text and "report:" in text
+
+    # Second run: every stage after inspect is reused and says so.
+    code, text, err = _run(argv, capsys)
+    assert code == 0, err
+    for what in ("grafted earlier", "trained earlier", "probed earlier", "exported earlier"):
+        assert what in text, what
+
+
+def test_demo_rejects_bad_sizes(tmp_path, capsys):
+    code, _, err = _run(["demo", "--out", str(tmp_path / "d"), "--people", "0"], capsys)
+    assert code == 2 and "--people 0" in err and len(err.strip().splitlines()) == 1
