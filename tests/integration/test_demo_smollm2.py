@@ -7,19 +7,11 @@ import shutil
 
 import pytest
 
-from memsurgery.cli import main
+from tests.cli import run_cli as _run
 
 pytestmark = pytest.mark.slow
 
 
-def _run(argv, capsys):
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_demo_end_to_end_then_reuse(smollm2_hf, tmp_path, capsys, monkeypatch):

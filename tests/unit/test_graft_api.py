@@ -8,8 +8,8 @@ import struct
 import pytest
 import torch
 
-from memsurgery.cli import main
 from memsurgery.errors import InputError
+from tests.cli import run_cli as _run
 from tests.tiny import make_tiny_checkpoint_with_tokenizer
 
 SMALL = dict(slots=256, heads=2, knn=4, k_dim=16, calib_tokens=2048, heldout_tokens=1024, seq_len=64,
@@ -34,19 +34,12 @@ def tiny_src(tmp_path_factory):
             for mt in ("llama", "gemma2", "qwen3")}
 
 
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return (exc.value.code or 0), out, err
-
-
 @pytest.mark.parametrize("model_type", ["llama", "gemma2", "qwen3"])
 def test_parallel_graft_preserves_function(tiny_src, calib_txt, tmp_path, model_type):
+    from transformers import AutoModelForCausalLM
+
     from memsurgery.graft import graft
     from memsurgery.graft.hf import load_grafted
-    from transformers import AutoModelForCausalLM
 
     out = tmp_path / "g"
     model, report = graft(tiny_src[model_type], out, calib=str(calib_txt), **SMALL)

@@ -10,8 +10,8 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from memsurgery.cli import main
 from memsurgery.facts.schema import FactItem
+from tests.cli import run_cli as _run
 from tests.tiny import build_tiny_model, build_tiny_tokenizer
 
 N = 6
@@ -194,14 +194,6 @@ def test_quick_eval(tiny):
     model, _, tok, items = tiny
     res = quick_eval(model, tok, items, limit=None, max_new_tokens=12)
     assert res["kinds"]["injected"] == 1.0 and res["kinds"]["unknown"] == 0.0 and res["n"] == len(items)
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return (exc.value.code or 0), out, err
 
 
 def test_cli_probe_and_errors(tiny, tmp_path, capsys):

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from memsurgery.cli import main
 from memsurgery.errors import InputError
 from memsurgery.train.recipe import (
     Recipe,
@@ -15,20 +14,13 @@ from memsurgery.train.recipe import (
     load_recipe,
     parse_override,
 )
+from tests.cli import run_cli as _run
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 SHIPPED = ["continued-pretrain.yaml", "knowledge-injection.yaml", "sparse-memory-finetune.yaml",
            "full-finetune.yaml", "lora.yaml"]
 
 BASE = {"model": "m", "output_dir": "o", "data": {"train": "t.txt"}}
-
-
-def _run(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return (exc.value.code or 0), out, err
 
 
 def test_all_errors_at_once_with_key_paths():

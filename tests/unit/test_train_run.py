@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from memsurgery.cli import main
 from memsurgery.errors import InputError, MissingDependency, RuntimeFailure
+from tests.cli import run_cli as _run_cli
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 GRAFT = {"layers": [1], "slots": 256, "heads": 2, "knn": 4, "k_dim": 16, "calib_tokens": 512,
@@ -66,14 +66,6 @@ def tiny_recipe(assets, out, **over) -> dict:
             node = node.setdefault(p, {})
         node[parts[-1]] = v
     return r
-
-
-def _run_cli(argv, capsys):
-    with pytest.raises(SystemExit) as exc:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return (exc.value.code or 0), out, err
 
 
 def _params(path):
