@@ -384,7 +384,7 @@ def train(method: str, model_dir: Path, train_spec: str, shape: dict, args, out:
     t = time.perf_counter()
     summary = run(recipe, overrides=overrides, log=lambda m: log(f"  train {method}: {m}"))
     # the whole stage: loading, data, sparse_memory's background pass, training, saving final/
-    wall = round(time.perf_counter() - t, 1)
+    wall = round(time.perf_counter() - t, 3)  # same precision as the loop's own "seconds"
     if not args.keep_checkpoints:
         shutil.rmtree(Path(summary["run_dir"]) / "checkpoints", ignore_errors=True)
     _write_json(run_dir / "stage.json", {"key": key, "recipe": str(recipe), "overrides": overrides,
