@@ -40,7 +40,13 @@ from memsurgery.train.params import (
     schedule_multiplier,
     select_trainable,
 )
-from memsurgery.train.recipe import GROUPS, RESUMABLE_CHANGES, Recipe, load_recipe, recipe_diff
+from memsurgery.train.recipe import (
+    PARAM_GROUPS,
+    RESUMABLE_CHANGES,
+    Recipe,
+    load_recipe,
+    recipe_diff,
+)
 
 
 def _default_log(msg: str) -> None:
@@ -166,7 +172,8 @@ class _Reporter:
                                  lr=f"{rec['lr']:.2e}", tps=f"{rec['tokens_per_s']:.0f}")
         elif line:
             extra = "".join(f" {k} {rec[k]:,}" if isinstance(rec[k], int) else f" {k} {rec[k]:.4g}"
-                            for k in ("slots_touched", "slots_updated", "pct_used", "usage_kl") if k in rec)
+                            for k in ("slots_touched", "slots_updated", "pct_used", "usage_kl", "reg/gate",
+                                      "reg/l2", "reg/kl", "reg/neg") if k in rec)
             self.log(f"step {step}/{self.total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
                      f"{rec['tokens_per_s']:.0f} tok/s{extra}")
 
@@ -331,7 +338,7 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
         groups = select_trainable(model, recipe, grafted)  # fully_shard replaced the Parameters
     collective = table is not None or recipe.fsdp  # checkpoints and probes need every rank
     trainable = [p for g in groups.values() for _, p in g]
-    counts_all = all_group_counts(model)
+    counts_all = all_group_counts(model, recipe.split_relevance_gate)
     per_step = recipe.train.batch_size * recipe.train.grad_accum * dp.world
     plan = {
         "model": recipe.model, "grafted": grafted, "method": recipe.train.method,
@@ -341,9 +348,9 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                  "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
                  "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached")},
         "groups": {g: {"params": counts_all.get(g, 0), "trainable": sum(p.numel() for _, p in groups.get(g, [])),
-                       "lr": recipe.lr(g), "weight_decay": getattr(recipe.optim.groups, g).weight_decay,
+                       "lr": recipe.lr(g), "weight_decay": recipe.weight_decay(g),
                        "optimizer": ("sparse-row-" + recipe.optim.value_optimizer) if g == "values" else "adamw"}
-                   for g in GROUPS if counts_all.get(g)},
+                   for g in PARAM_GROUPS if counts_all.get(g)},
         "trainable_params": sum(p.numel() for p in trainable),
         "total_params": sum(counts_all.values()),
         "steps": recipe.train.steps,
@@ -353,6 +360,13 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
         "epochs": round(per_step * recipe.train.steps / max(len(train_seqs), 1), 3),
         "load_seconds": round(time.perf_counter() - t0, 2),
     }
+    reg = None
+    if recipe.regularize is not None and recipe.regularize.active:
+        from memsurgery.train.regularize import Regularizer
+
+        reg = Regularizer(recipe, core, tokenizer, pad_id, max_len, log=say)
+        plan["regularize"] = reg.info()
+        plan["load_seconds"] = round(time.perf_counter() - t0, 2)
     if dry_run:
         return {"dry_run": True, "recipe": recipe.model_dump(mode="json"), "plan": plan}
 
@@ -469,6 +483,11 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                     step_counts += batch_slot_counts(core, b["attention_mask"].to(device), slots)
                 (loss / max(n_targets, 1)).backward()
                 loss_acc += loss.detach().double().cpu()
+            reg_parts = reg_counts = None
+            if reg is not None:  # after the batches: their slot counts are already taken
+                reg_parts, reg_counts = reg.step(step, dp, device, autocast)
+                all_reduce_sum(reg_parts, dp)
+                reg_parts /= dp.world
             position += per_step
 
             # ---- gradients: coalesce, keep rows real tokens read, reduce over ranks
@@ -477,7 +496,10 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                 from memsurgery.train.smf import mask_sparse_rows
 
                 values_param.grad = values_param.grad.coalesce()
-                mask_sparse_rows(values_param, step_counts > 0)
+                read = step_counts > 0
+                if reg_counts is not None:  # rows the penalties' real tokens read keep their gradient
+                    read |= reg_counts > 0
+                mask_sparse_rows(values_param, read)
             if values_param is not None:
                 reduce_sparse_grad(values_param, dp)
             reduce_dense_grads(dense_params, dp)
@@ -496,6 +518,8 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                               sharded=[values_param] if table is not None and values_param is not None else (),
                               reduce=lambda t: all_reduce_sum(t, dist))
             finite = math.isfinite(step_loss) and math.isfinite(norm)
+            if reg_parts is not None:
+                finite = finite and bool(torch.isfinite(reg_parts).all())
             if finite:
                 opt.step()
                 consecutive = 0
@@ -514,6 +538,15 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
             rec = {"step": step, "loss": step_loss, "lr": lrs.get("values", next(iter(lrs.values()))),
                    "lrs": lrs, "grad_norm": norm, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
                    "seconds": dt, "skipped": not finite}
+            if reg_parts is not None:
+                from memsurgery.train.regularize import PARTS
+
+                s_ = recipe.regularize
+                on = {"reg/gate": s_.gate_penalty > 0 and reg.text is not None,
+                      "reg/l2": s_.output_l2 > 0 and reg.text is not None,
+                      "reg/kl": s_.kl_to_base > 0 and reg.text is not None,
+                      "reg/neg": reg.neg is not None, "reg/neg_gate": reg.neg is not None and s_.gate_penalty > 0}
+                rec.update({k: float(v) for k, v in zip(PARTS, reg_parts) if on[k]})
             losses.append(step_loss)
             is_log = step % recipe.log.every == 0 or step == total
             if grafted:

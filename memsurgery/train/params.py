@@ -5,6 +5,8 @@ Groups (by parameter name):
   keys         memory_bank.layers.*.keys            AdamW
   query        memory_bank.layers.*.query.weight    AdamW
   gates        relevance gate (gate_weight, gate_bias) and the SiLU gate_proj
+  relevance_gate  gate_weight, gate_bias only: split off "gates" when the recipe
+               sets optim.groups.relevance_gate.lr (gate_proj then stays in "gates")
   projections  memory_bank.layers.*.out_proj.weight
   norms        base parameters whose name contains "norm"
   base         every other base parameter (LoRA adapters, for method lora)
@@ -19,13 +21,15 @@ import math
 import torch
 
 from memsurgery.errors import InputError, MissingDependency
-from memsurgery.train.recipe import GROUPS
+from memsurgery.train.recipe import PARAM_GROUPS, RELEVANCE_GATE
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_proj", "up_proj", "down_proj",
                 "gate_up_proj", "c_attn", "c_proj", "c_fc")
 
 
-def group_of(name: str) -> str:
+def group_of(name: str, split_relevance_gate: bool = False) -> str:
+    if split_relevance_gate and "memory_bank." in name and name.endswith((".gate_weight", ".gate_bias")):
+        return RELEVANCE_GATE
     if "lora_" in name:
         return "base"
     if "memory_bank." in name:
@@ -68,9 +72,10 @@ def select_trainable(model, recipe, grafted: bool) -> dict[str, list[tuple[str, 
     if method in ("memory", "sparse_memory") and not grafted:
         raise InputError(f"model {recipe.model}: method {method} needs a grafted checkpoint "
                          "(run `memsurgery graft` first), or use method full / lora")
-    groups: dict[str, list] = {g: [] for g in GROUPS}
+    groups: dict[str, list] = {g: [] for g in PARAM_GROUPS}
+    split = recipe.split_relevance_gate
     for name, p in model.named_parameters():
-        g = group_of(name)
+        g = group_of(name, split)
         if method == "lora" and g == "base" and "lora_" not in name:
             p.requires_grad_(False)  # the base under LoRA stays frozen; adapters train
             continue
@@ -84,10 +89,10 @@ def select_trainable(model, recipe, grafted: bool) -> dict[str, list[tuple[str, 
     return {g: v for g, v in groups.items() if v}
 
 
-def all_group_counts(model) -> dict[str, int]:
+def all_group_counts(model, split_relevance_gate: bool = False) -> dict[str, int]:
     out: dict[str, int] = {}
     for name, p in model.named_parameters():
-        g = group_of(name)
+        g = group_of(name, split_relevance_gate)
         out[g] = out.get(g, 0) + p.numel()
     return out
 
@@ -103,8 +108,8 @@ class Optimizers:
         self.values = None
         dense_groups = [
             {"params": [p for _, p in groups[g]], "lr": recipe.lr(g), "initial_lr": recipe.lr(g),
-             "weight_decay": getattr(o.groups, g).weight_decay, "name": g}
-            for g in GROUPS if g in groups and g != "values"
+             "weight_decay": recipe.weight_decay(g), "name": g}
+            for g in PARAM_GROUPS if g in groups and g != "values"
         ]
         if dense_groups:
             self.dense = torch.optim.AdamW(dense_groups, betas=tuple(o.betas), eps=o.eps, foreach=False)

@@ -11,8 +11,9 @@ raw mapping before validation, so an override is checked exactly like the file.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -21,6 +22,10 @@ from memsurgery.errors import InputError, one_line
 METHODS = ("memory", "sparse_memory", "full", "lora")
 GROUPS = ("values", "keys", "query", "gates", "projections", "norms", "base")
 MEMORY_GROUPS = ("values", "keys", "query", "gates", "projections")
+# Optional group split off "gates" only when the recipe gives it a learning rate:
+# the relevance gate's gate_weight/gate_bias without the SiLU gate_proj.
+RELEVANCE_GATE = "relevance_gate"
+PARAM_GROUPS = (*GROUPS, RELEVANCE_GATE)
 
 # Learning rates a group gets when the recipe leaves `lr` unset (null), per method.
 # 0 freezes the group (requires_grad False). The base is frozen for memory methods.
@@ -131,6 +136,8 @@ class Groups(_Strict):
     projections: GroupSpec = Field(default_factory=GroupSpec)
     norms: GroupSpec = Field(default_factory=GroupSpec)
     base: GroupSpec = Field(default_factory=GroupSpec)
+    # null (or lr null): gate_weight/gate_bias stay in "gates", as before this key existed.
+    relevance_gate: GroupSpec | None = None
 
 
 class ScheduleSpec(_Strict):
@@ -272,6 +279,52 @@ class NonfiniteSpec(_Strict):
         return v
 
 
+class RegularizeSpec(_Strict):
+    """Penalties on general text (and never-trained prompts) that keep a memory graft quiet off-topic."""
+
+    text: str = "builtin:corpus"
+    batch_size: int = 4
+    seq_len: int = 64
+    gate_penalty: float = 0.0
+    output_l2: float = 0.0
+    kl_to_base: float = 0.0
+    negatives: str | None = None
+    negative_weight: float = 1.0
+
+    @field_validator("batch_size")
+    @classmethod
+    def _pos(cls, v: int) -> int:
+        if v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
+    @field_validator("seq_len")
+    @classmethod
+    def _seq(cls, v: int) -> int:
+        if v < 2:
+            raise ValueError("must be at least 2 (one input and one predicted token)")
+        return v
+
+    @field_validator("gate_penalty", "output_l2", "kl_to_base", "negative_weight")
+    @classmethod
+    def _weight(cls, v: float) -> float:
+        if not math.isfinite(v) or v < 0:
+            raise ValueError("must be a finite number >= 0 (0 turns the penalty off)")
+        return v
+
+    @property
+    def text_active(self) -> bool:
+        return self.gate_penalty > 0 or self.output_l2 > 0 or self.kl_to_base > 0
+
+    @property
+    def negatives_active(self) -> bool:
+        return bool(self.negatives) and self.negative_weight > 0
+
+    @property
+    def active(self) -> bool:
+        return self.text_active or self.negatives_active
+
+
 class Recipe(_Strict):
     model: str
     output_dir: str
@@ -285,6 +338,7 @@ class Recipe(_Strict):
     log: LogSpec = Field(default_factory=LogSpec)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     nonfinite: NonfiniteSpec = Field(default_factory=NonfiniteSpec)
+    regularize: RegularizeSpec | None = None
     memory_parallel: int = 1
     fsdp: bool = False
 
@@ -309,6 +363,9 @@ class Recipe(_Strict):
             raise ValueError("fsdp and memory_parallel > 1 together are not supported yet; choose one")
         if self.data.eval and self.eval.heldout_fraction > 0:
             raise ValueError("data.eval and eval.heldout_fraction are both set; choose one held-out source")
+        if self.regularize is not None and m not in ("memory", "sparse_memory"):
+            raise ValueError(f"regularize: penalizes a grafted model's memory layers, so it needs train.method "
+                             f"memory or sparse_memory (got {m}); remove the regularize section")
         if m == "sparse_memory" and self.lr("values") <= 0:
             raise ValueError("optim.groups.values.lr must be > 0 for method sparse_memory")
         return self
@@ -317,8 +374,23 @@ class Recipe(_Strict):
 
     def lr(self, group: str) -> float:
         """The learning rate of `group`: the recipe's, else the method's default."""
+        if group == RELEVANCE_GATE:
+            spec = self.optim.groups.relevance_gate
+            return self.lr("gates") if spec is None or spec.lr is None else float(spec.lr)
         spec = getattr(self.optim.groups, group)
         return DEFAULT_LR[self.train.method][group] if spec.lr is None else float(spec.lr)
+
+    @property
+    def split_relevance_gate(self) -> bool:
+        """True when gate_weight/gate_bias form their own group (optim.groups.relevance_gate.lr set)."""
+        spec = self.optim.groups.relevance_gate
+        return spec is not None and spec.lr is not None
+
+    def weight_decay(self, group: str) -> float:
+        if group == RELEVANCE_GATE:
+            spec = self.optim.groups.relevance_gate
+            return 0.0 if spec is None else spec.weight_decay
+        return getattr(self.optim.groups, group).weight_decay
 
     def resolved(self) -> Recipe:
         """A copy with every method default written out (what run_dir/recipe.yaml holds)."""
@@ -360,6 +432,8 @@ def _model_at(path: list[str]):
         if field is None:
             return None
         ann = field.annotation
+        # X | None: the model class inside the Optional
+        ann = next((a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)), ann)
         cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         if cls is None:
             return None
