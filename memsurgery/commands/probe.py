@@ -69,7 +69,7 @@ def register(app) -> None:
         max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
         batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
         ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
-        signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default written_weight)."),
+        signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
         explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),
         force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
         json_out: bool = typer.Option(False, "--json", help="Print the report (or --explain result) as JSON."),

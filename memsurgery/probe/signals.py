@@ -37,12 +37,14 @@ class LayerCapture:
     gate: torch.Tensor | None  # [B, T] relevance gate, None without one
     x_last: torch.Tensor  # [B, d] layer input at the last prompt token
     out_last: torch.Tensor  # [B, d] layer output at the last prompt token
+    out_norms: torch.Tensor | None = None  # [B, T] norm of the layer output at every prompt token
 
 
 @dataclass
 class CaptureContext:
     written: torch.Tensor | None  # [slots] bool: value row differs from the reference
     entity_mask: torch.Tensor | None = None  # [B, T] bool: prompt tokens overlapping the item's entity
+    first_layer: int | None = None  # the lowest memory layer
 
 
 def _gate(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
@@ -87,6 +89,24 @@ def _entity_max(values: torch.Tensor, ctx: CaptureContext) -> torch.Tensor:
     return torch.where(m.any(dim=1), best, torch.full_like(best, float("nan")))
 
 
+def _out_norm_entity(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+    # A zero-init parallel memory outputs ~0 until training writes the rows a token
+    # reads: a large output on the entity's name means "this name was taught".
+    if cap.out_norms is None:
+        return torch.full((cap.indices.shape[0],), float("nan"))
+    return _entity_max(cap.out_norms, ctx)
+
+
+def _out_norm_entity_first(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+    # Only the lowest memory layer (NaN elsewhere, so the max over layers is its value):
+    # there the name's own slots are read before later layers mix in the question.
+    # Chosen on the ablation runs (docs/results.md); later layers' norms are on
+    # other scales, so a max over layers would mostly pick the last layer.
+    if cap.layer != ctx.first_layer:
+        return torch.full((cap.indices.shape[0],), float("nan"))
+    return _out_norm_entity(cap, ctx)
+
+
 def _gate_entity(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
     if cap.gate is None:
         return torch.full((cap.indices.shape[0],), float("nan"))
@@ -109,9 +129,13 @@ SIGNALS: dict[str, Callable[[LayerCapture, CaptureContext], torch.Tensor]] = {
     "written_weight": _written_weight,
     "gate_entity": _gate_entity,
     "written_weight_entity": _written_weight_entity,
+    "out_norm_entity": _out_norm_entity,
+    "out_norm_entity_first": _out_norm_entity_first,
 }
-# The signal used for the memory-signal abstention policy unless the caller names another.
-PRIMARY_SIGNAL = "written_weight"
+# The signal used for the memory-signal abstention policy unless the caller names another:
+# the best known-vs-unknown detector in the ablations (docs/results.md), chosen there on
+# people seed 0 and measured by the demo and benchmark on other people.
+PRIMARY_SIGNAL = "out_norm_entity_first"
 
 
 def register_signal(name: str, fn: Callable[[LayerCapture, CaptureContext], torch.Tensor]) -> None:
@@ -151,7 +175,8 @@ class MemoryCapture:
 
         self.layers = hf.memory_layers(self.model)
         self.usage = {L: UsageCounter(m.config.slots) for L, m in self.layers.items()}
-        self.context = CaptureContext(written=written_rows(self.model, self.reference))
+        self.context = CaptureContext(written=written_rows(self.model, self.reference),
+                                      first_layer=min(self.layers) if self.layers else None)
         self._io: dict[int, tuple] = {}
         self._handles = []
         self.active = False
@@ -171,7 +196,8 @@ class MemoryCapture:
         def hook(module, args, output):
             if self.active:
                 x = args[0]
-                self._io[L] = (x[:, -1].detach(), output[:, -1].detach())
+                out = output.detach()
+                self._io[L] = (x[:, -1].detach(), out[:, -1], out.float().norm(dim=-1))
         return hook
 
     def set_active(self, on: bool) -> None:
@@ -190,8 +216,8 @@ class MemoryCapture:
         mask = attention_mask.bool().cpu()
         agg: dict[str, list[torch.Tensor]] = {name: [] for name in self.signals}
         for L, m in self.layers.items():
-            x_last, out_last = self._io[L]
-            cap = LayerCapture(L, m, m.last_indices, m.last_scores, m.last_gate, x_last, out_last)
+            x_last, out_last, out_norms = self._io[L]
+            cap = LayerCapture(L, m, m.last_indices, m.last_scores, m.last_gate, x_last, out_last, out_norms)
             idx, w = cap.indices.cpu(), cap.weights.cpu()
             self.usage[L].update(idx[mask], w[mask], tokens=int(mask.sum()))
             for b in range(B):

@@ -122,6 +122,14 @@ def test_probe_writes_every_artifact(tiny, tmp_path):
     # entity-token signals: the entity "person a" ends on the (written) last token
     assert all(s["signals"]["written_weight_entity"] == pytest.approx(1.0) for s in comp if s["kind"] == "injected")
     assert all(0 <= s["signals"]["gate_entity"] <= 1 for s in comp)
+    # the memory's output on the entity's tokens: non-zero exactly where written rows are read
+    # (the table starts at zero), for injected and unknown items alike
+    for s in comp:
+        assert (s["signals"]["out_norm_entity"] > 0) == (s["signals"]["written_weight_entity"] > 0)
+    assert any(s["signals"]["out_norm_entity"] > 0 for s in comp)
+    first = min(int(k.split("@")[1]) for k in comp[0]["signals"] if k.startswith("out_norm_entity@"))
+    for s in comp:  # the default primary signal is the lowest memory layer's value
+        assert s["signals"]["out_norm_entity_first"] == s["signals"][f"out_norm_entity@{first}"]
     sig = data["signals"]["signals"]
     assert set(sig) >= {"gate", "top_score", "top_weight", "out_norm", "written_weight", "written_weight@0"}
     assert 0 <= sig["written_weight"]["auroc_injected_vs_unknown"] <= 1
