@@ -1,12 +1,12 @@
 #!/usr/bin/env python
 """Knowledge-injection benchmark (issue #7): memory graft vs full finetuning vs LoRA.
 
-    python benchmarks/knowledge_injection.py --people 20 --steps 300 --out bench-results/ki
+    python benchmarks/knowledge_injection.py --people 30 --steps 200 --out bench-results/ki
     python benchmarks/knowledge_injection.py --people 5 --steps 10 --world-limit 50 --out /tmp/ki-small \
         --base demo-out/smollm2-135m
     python benchmarks/knowledge_injection.py --tiny --out /tmp/ki-tiny      # structure check, seconds
 
-The same fictional people (`builtin:people?n=N&seed=0&paraphrases=P`), the same
+The same fictional people (`builtin:people-qa?n=N&seed=S&paraphrases=P`), the same
 base checkpoint and the same token budget (steps x sequences per step x seq_len)
 for each method:
 
@@ -266,7 +266,8 @@ def fact_specs(args, out: Path) -> tuple[str, str, list[str]]:
     """(training data spec, people probe spec, probe fact sets). World items are cut to --world-limit."""
     from memsurgery.probe.api import limit_items
 
-    train_spec = f"builtin:people?n={args.people}&seed={args.seed}&paraphrases={args.paraphrases}"
+    # QA pairs (answer-only loss in every shipped recipe): the same facts the probe asks.
+    train_spec = f"builtin:people-qa?n={args.people}&seed={args.seed}&paraphrases={args.paraphrases}"
     probe_people = (f"builtin:people?n={args.people}&seed={args.seed}&unknown={args.unknown}"
                     f"&paraphrases={args.paraphrases}")
     world = "builtin:world"
@@ -368,8 +369,8 @@ def train(method: str, model_dir: Path, train_spec: str, shape: dict, args, out:
     from memsurgery.train import load_recipe
 
     if load_recipe(recipe).eval.probe is not None:
-        # the recipe's in-training recall probe should ask about the people this run learns
-        overrides.append(f"eval.probe.facts={train_spec}")
+        # the final probe measures recall; an in-training probe would only cost time here
+        overrides.append("eval.probe=null")
     if args.tiny:
         overrides += TINY_TRAIN_OVERRIDES
     key = _key({"recipe": recipe.read_text(encoding="utf-8"), "overrides": overrides,
@@ -583,10 +584,10 @@ def method_result(method: str, model_dir: Path, summary: dict, rep: dict, base: 
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--people", type=int, default=20, help="injected people (6 facts each)")
+    ap.add_argument("--people", type=int, default=30, help="injected people (6 facts each; the demo size)")
     ap.add_argument("--unknown", type=int, default=None, help="never-trained look-alikes (default: --people)")
     ap.add_argument("--paraphrases", type=int, default=3, help="biographies per person in the training data")
-    ap.add_argument("--steps", type=int, default=300, help="optimizer steps per method (same for all)")
+    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per method (same for all; the demo size)")
     ap.add_argument("--out", required=True, type=Path, help="results directory")
     ap.add_argument("--base", help="dense HF directory or .gguf (default: the demo SmolLM2-135M)")
     ap.add_argument("--graft", help="use this grafted directory for the memory methods (a graft of --base) "
@@ -598,7 +599,8 @@ def parse_args(argv=None):
     ap.add_argument("--batch-size", type=int, default=None, help="override the shared batch size")
     ap.add_argument("--seq-len", type=int, default=None, help="override the shared sequence length")
     ap.add_argument("--probe-batch", type=int, default=16, help="prompts per probe batch")
-    ap.add_argument("--seed", type=int, default=0, help="people generator seed")
+    ap.add_argument("--seed", type=int, default=1,
+                    help="people generator seed (default 1: seed 0 chose the recipe settings, docs/results.md)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random llama + small graft: checks the structure in seconds (numbers meaningless)")
     ap.add_argument("--fresh", action="store_true", help="redo every stage (default: reuse finished ones)")
