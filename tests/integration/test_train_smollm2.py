@@ -23,8 +23,8 @@ def test_knowledge_injection_on_smollm2(smollm2_hf, tmp_path, monkeypatch):
     graft(smollm2_hf, grafted, slots=4096, layers=[15], heads=2, knn=8, k_dim=64, calib_tokens=2048,
           heldout_tokens=512, seq_len=128, kmeans_iters=3)
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"text": f"Zorbin Quell {i} was born in the town of Vexmoor {i}."}) + "\n"
-                             for i in range(8)))
+    facts.write_text("".join(json.dumps({"prompt": f"Zorbin Quell {i} was born in the town of",
+                                         "answer": f" Vexmoor {i}"}) + "\n" for i in range(8)))
     summary = run(RECIPES / "knowledge-injection.yaml",
                   [f"model={grafted}", f"output_dir={tmp_path / 'run'}", f"data.train={facts}", "train.steps=3",
                    "train.batch_size=4", "checkpoint.every=2", "log.progress=off", "eval.probe=null"],
@@ -32,11 +32,14 @@ def test_knowledge_injection_on_smollm2(smollm2_hf, tmp_path, monkeypatch):
     assert summary["steps"] == 3 and all(torch.isfinite(torch.tensor(summary["losses"])))
     assert summary["losses"][-1] < summary["losses"][0]  # lr 1e-2 on the values: the facts start to fit
     assert summary["groups"]["values"]["trainable"] == 4096 * 576
-    assert summary["trainable_params"] == 4096 * 576  # knowledge-injection: values only
+    # knowledge-injection: the values and the relevance gate (w [576], b) of the one memory layer
+    assert summary["trainable_params"] == 4096 * 576 + 577
     before = load_file(str(grafted / "model.safetensors"))
     after = {}
     for f in Path(summary["final_dir"]).glob("*.safetensors"):
         after.update(load_file(str(f)))
-    changed = [k for k in before if not torch.equal(before[k], after[k])]
-    assert changed == ["memory_bank.values.weight"]
+    changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
+    assert "memory_bank.values.weight" in changed
+    # nothing of the base (nor the memory's projections) moved
+    assert all(k == "memory_bank.values.weight" or k.endswith(("gate_weight", "gate_bias")) for k in changed), changed
     assert summary["tokens_per_s"] > 0
