@@ -46,6 +46,26 @@ DEFAULT_LR: dict[str, dict[str, float]] = {
 RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "eval.", "output_dir", "memory_parallel")
 
 
+
+# Checks shared by several recipe sections (one message per rule, wherever it applies).
+def _at_least_1(cls, v: int) -> int:
+    if v < 1:
+        raise ValueError("must be at least 1")
+    return v
+
+
+def _unit_interval(cls, v: float) -> float:
+    if not 0.0 <= v < 1.0:
+        raise ValueError("must be in [0, 1)")
+    return v
+
+
+def _seq_len(cls, v: int) -> int:
+    if v < 2:
+        raise ValueError("must be at least 2 (one input and one predicted token)")
+    return v
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -66,12 +86,7 @@ class DataSpec(_Strict):
     add_eos: bool = True
     cache_dir: str | None = None
 
-    @field_validator("seq_len")
-    @classmethod
-    def _seq(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be at least 2 (one input and one predicted token)")
-        return v
+    _seq = field_validator("seq_len")(_seq_len)
 
     @model_validator(mode="after")
     def _cross(self):
@@ -91,12 +106,7 @@ class TrainSpec(_Strict):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
-    @field_validator("steps", "batch_size", "grad_accum")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("steps", "batch_size", "grad_accum")(_at_least_1)
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -182,12 +192,7 @@ class SparseSpec(_Strict):
     background_tokens: int = 16384
     background_seq_len: int = 256
 
-    @field_validator("top_t", "background_tokens", "background_seq_len")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("top_t", "background_tokens", "background_seq_len")(_at_least_1)
 
 
 class LoraSpec(_Strict):
@@ -196,31 +201,16 @@ class LoraSpec(_Strict):
     dropout: float = 0.0
     target_modules: list[str] | Literal["auto"] = "auto"
 
-    @field_validator("r")
-    @classmethod
-    def _r(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _r = field_validator("r")(_at_least_1)
 
-    @field_validator("dropout")
-    @classmethod
-    def _d(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
+    _d = field_validator("dropout")(_unit_interval)
 
 
 class CheckpointSpec(_Strict):
     every: int = 100
     keep_last: int = 2
 
-    @field_validator("every", "keep_last")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("every", "keep_last")(_at_least_1)
 
 
 class LogSpec(_Strict):
@@ -234,12 +224,7 @@ class LogSpec(_Strict):
         # YAML reads a bare on/off as a boolean.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
-    @field_validator("every")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("every")(_at_least_1)
 
 
 class ProbeSpec(_Strict):
@@ -260,23 +245,13 @@ class EvalSpec(_Strict):
             raise ValueError("must be >= 0 (0 = only at the end)")
         return v
 
-    @field_validator("heldout_fraction")
-    @classmethod
-    def _f(cls, v: float) -> float:
-        if not 0.0 <= v < 1.0:
-            raise ValueError("must be in [0, 1)")
-        return v
+    _f = field_validator("heldout_fraction")(_unit_interval)
 
 
 class NonfiniteSpec(_Strict):
     max_consecutive: int = 5
 
-    @field_validator("max_consecutive")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("max_consecutive")(_at_least_1)
 
 
 class RegularizeSpec(_Strict):
@@ -291,19 +266,9 @@ class RegularizeSpec(_Strict):
     negatives: str | None = None
     negative_weight: float = 1.0
 
-    @field_validator("batch_size")
-    @classmethod
-    def _pos(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _pos = field_validator("batch_size")(_at_least_1)
 
-    @field_validator("seq_len")
-    @classmethod
-    def _seq(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("must be at least 2 (one input and one predicted token)")
-        return v
+    _seq = field_validator("seq_len")(_seq_len)
 
     @field_validator("gate_penalty", "output_l2", "kl_to_base", "negative_weight")
     @classmethod
@@ -342,12 +307,7 @@ class Recipe(_Strict):
     memory_parallel: int = 1
     fsdp: bool = False
 
-    @field_validator("memory_parallel")
-    @classmethod
-    def _mp(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError("must be at least 1")
-        return v
+    _mp = field_validator("memory_parallel")(_at_least_1)
 
     @model_validator(mode="after")
     def _cross(self):
