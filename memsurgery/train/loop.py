@@ -19,7 +19,6 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from memsurgery.errors import InputError, RuntimeFailure
 from memsurgery.train import checkpoint as ckpt
@@ -32,6 +31,7 @@ from memsurgery.train.dist import (
     reduce_dense_grads,
     reduce_sparse_grad,
 )
+from memsurgery.train.fastpath import PrefixCache, agrees, keeps_logits, loss_sum, why_not
 from memsurgery.train.params import (
     Optimizers,
     all_group_counts,
@@ -189,18 +189,6 @@ class _Reporter:
 # ---------------------------------------------------------------- loss
 
 
-def _loss_sum(model, batch, device, autocast) -> tuple[torch.Tensor, int]:
-    ids = batch["input_ids"].to(device)
-    mask = batch["attention_mask"].to(device)
-    labels = batch["labels"].to(device)
-    with autocast():
-        logits = model(input_ids=ids, attention_mask=mask).logits
-    tgt = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                           ignore_index=D.IGNORE, reduction="sum")
-    return loss, int((tgt != D.IGNORE).sum())
-
-
 @torch.no_grad()
 def evaluate(model, seqs, batch_size: int, pad_id: int, device, autocast, max_batches) -> float:
     was = model.training
@@ -211,7 +199,7 @@ def evaluate(model, seqs, batch_size: int, pad_id: int, device, autocast, max_ba
             if max_batches is not None and b >= max_batches:
                 break
             batch = D.collate(seqs, list(range(start, min(start + batch_size, len(seqs)))), pad_id)
-            loss, cnt = _loss_sum(model, batch, device, autocast)
+            loss, cnt = loss_sum(model, batch, device, autocast, keep=keeps_logits(model))
             total += float(loss)
             n += cnt
     finally:
@@ -360,6 +348,9 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
         "epochs": round(per_step * recipe.train.steps / max(len(train_seqs), 1), 3),
         "load_seconds": round(time.perf_counter() - t0, 2),
     }
+    first, why = why_not(recipe, core, [(n, p) for ps in groups.values() for n, p in ps], grafted,
+                         len(train_seqs), train_seqs.n_tokens)
+    plan["prefix_cache"] = {"enabled": first is not None, "first_layer": first, "why_not": why or None}
     reg = None
     if recipe.regularize is not None and recipe.regularize.active:
         from memsurgery.train.regularize import Regularizer
@@ -401,6 +392,25 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                 with atomic_file(idf_path) as fh:
                     fh.write(save({"idf": idf.contiguous()}))
         idf = idf.to(device)
+    at_targets = keeps_logits(model)  # logits only where the loss reads them
+    prefix = None
+    if first is not None:
+        t_pc = time.perf_counter()
+        prefix = PrefixCache(core, first, train_seqs, recipe.train.batch_size, pad_id, device, autocast)
+        ok, diff = agrees(model, prefix, train_seqs, list(range(min(len(train_seqs), recipe.train.batch_size))),
+                          pad_id, device, autocast, at_targets, 1e-2 if bf16 else 1e-4)
+        if ok:
+            say(f"prefix cache: layers 0-{first - 1} run once per sequence ({prefix.nbytes / 2**20:,.0f} MB, "
+                f"{time.perf_counter() - t_pc:.1f} s)")
+        else:
+            prefix, why = None, f"cached and full forwards differ by {diff:.1e} on this architecture"
+    if prefix is None and grafted and recipe.train.method in ("memory", "sparse_memory"):
+        say(f"prefix cache: off ({why})")
+    planned = plan["prefix_cache"]["enabled"]
+    plan["prefix_cache"] = {"enabled": prefix is not None, "first_layer": first if prefix is not None else None,
+                            "why_not": None if prefix is not None else why}
+    if main and planned != (prefix is not None):  # the check turned it off
+        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
     if grafted:
         bank.set_record(True)  # slot counts for telemetry, pad-row masking and SMF
 
@@ -475,8 +485,8 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
             n_targets, n_tokens = int(local[0]), int(local[1])
             loss_acc = torch.zeros((), dtype=torch.float64)
             step_counts = torch.zeros(slots, dtype=torch.float64, device=device) if grafted else None
-            for b in batches:
-                loss, _ = _loss_sum(model, b, device, autocast)
+            for mi, b in zip(micro, batches):
+                loss, _ = loss_sum(model, b, device, autocast, keep=at_targets, prefix=prefix, idx=mi)
                 if grafted:
                     from memsurgery.train.smf import batch_slot_counts
 

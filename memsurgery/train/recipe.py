@@ -105,8 +105,12 @@ class TrainSpec(_Strict):
     max_grad_norm: float | None = 1.0
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # memory / sparse_memory: run the frozen layers below the first memory layer once per
+    # training sequence, not once per step (docs/recipes.md); off, or over the budget, = plain forwards
+    prefix_cache: bool = True
+    prefix_cache_max_mb: int = 2048
 
-    _pos = field_validator("steps", "batch_size", "grad_accum")(_at_least_1)
+    _pos = field_validator("steps", "batch_size", "grad_accum", "prefix_cache_max_mb")(_at_least_1)
 
     @field_validator("max_grad_norm")
     @classmethod

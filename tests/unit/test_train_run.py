@@ -268,7 +268,7 @@ def test_resume_skips_corrupt_checkpoint_and_matches(assets, tmp_path):
 def test_nonfinite_steps_skipped_then_stop_keeping_last_good_checkpoint(assets, tmp_path, monkeypatch):
     from memsurgery.train import loop, run
 
-    real = loop._loss_sum
+    real = loop.loss_sum
     calls = {"n": 0}
     bad_steps = {2, 4, 5}  # one isolated NaN (skipped), then two in a row (stop)
 
@@ -277,7 +277,7 @@ def test_nonfinite_steps_skipped_then_stop_keeping_last_good_checkpoint(assets, 
         loss, n = real(*args, **kwargs)
         return (loss * float("nan"), n) if calls["n"] in bad_steps else (loss, n)
 
-    monkeypatch.setattr(loop, "_loss_sum", poisoned)
+    monkeypatch.setattr(loop, "loss_sum", poisoned)
     msgs = []
     rec = tiny_recipe(assets, tmp_path / "run", **{"train.steps": 8, "checkpoint.every": 1,
                                                    "checkpoint.keep_last": 20, "nonfinite.max_consecutive": 2})
