@@ -366,6 +366,7 @@ def train(method: str, model_dir: Path, train_spec: str, shape: dict, args, out:
                  # one checkpoint at the end is enough here (they are deleted after probing)
                  f"checkpoint.every={args.steps}", "checkpoint.keep_last=1", "log.progress=off"]
     overrides += [f"{k}={v}" for k, v in shape.items()]
+    overrides += args.method_sets[method]  # the user's --set last: it wins
     from memsurgery.train import load_recipe
 
     if load_recipe(recipe).eval.probe is not None:
@@ -434,6 +435,9 @@ def write_markdown(path: Path, res: dict) -> None:
         f"held-out perplexity on {s['ppl_tokens']} tokens",
         f"- budget per method: {s['steps']} steps x {s['sequences_per_step']} sequences x {s['seq_len']} "
         f"tokens = {s['token_budget']:,} tokens max (non-pad tokens actually trained: column `tokens`)",
+        *(["- per-method recipe overrides: "
+           + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["method_overrides"].items())]
+          if s.get("method_overrides") else []),
         f"- before (base model): injected EM {_pct(base['injected_em'])}, known EM {_pct(base['known_em'])}, "
         f"perplexity {_num(base['perplexity'])}, unknown attempted-wrong {_pct(base['unknown_attempted_wrong'])}",
         "",
@@ -603,6 +607,8 @@ def parse_args(argv=None):
                     help="people generator seed (default 1: seed 0 chose the recipe settings, docs/results.md)")
     ap.add_argument("--tiny", action="store_true",
                     help="tiny random llama + small graft: checks the structure in seconds (numbers meaningless)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                    help="a recipe override for one method, e.g. sparse_memory:sparse.top_t=8192 (repeatable)")
     ap.add_argument("--fresh", action="store_true", help="redo every stage (default: reuse finished ones)")
     ap.add_argument("--keep-checkpoints", action="store_true", help="keep the training checkpoints")
     args = ap.parse_args(argv)
@@ -610,6 +616,12 @@ def parse_args(argv=None):
     bad = [m for m in args.methods if m not in METHODS]
     if bad or not args.methods:
         ap.error(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    args.method_sets = {m: [] for m in METHODS}
+    for item in args.sets:
+        method, _, kv = item.partition(":")
+        if method not in METHODS or "=" not in kv:
+            ap.error(f"--set {item}: give METHOD:KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+        args.method_sets[method].append(kv)
     if args.unknown is None:
         args.unknown = args.people
     if args.ppl_tokens is None:
@@ -687,7 +699,8 @@ def main(argv=None) -> dict:
                      "seed": args.seed, "steps": args.steps, "sequences_per_step": per_step,
                      "seq_len": shape["data.seq_len"], "token_budget": args.steps * per_step * shape["data.seq_len"],
                      "world_limit": args.world_limit, "ppl_tokens": args.ppl_tokens, "tiny": args.tiny,
-                     "train_data": train_spec, "probe_facts": facts, "shared_overrides": shape},
+                     "train_data": train_spec, "probe_facts": facts, "shared_overrides": shape,
+                     "method_overrides": {m: v for m, v in args.method_sets.items() if v and m in args.methods}},
         "base": base_m,
         "methods": results,
         "timings": timings,

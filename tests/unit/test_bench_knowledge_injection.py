@@ -138,3 +138,16 @@ def test_given_graft_must_come_from_the_base(tmp_path):
         mod.given_graft(graft, base)
     (graft / "graft.json").write_text(json.dumps({"source": str(base), "plan": {}}))
     assert mod.given_graft(graft, base) == graft
+
+
+def test_per_method_overrides_parse_and_refuse_bad_ones(capsys):
+    mod = _load_module()
+    args = mod.parse_args(["--out", "x", "--set", "sparse_memory:sparse.top_t=8192",
+                           "--set", "sparse_memory:optim.groups.values.lr=0.5"])
+    assert args.method_sets["sparse_memory"] == ["sparse.top_t=8192", "optim.groups.values.lr=0.5"]
+    assert args.method_sets["memory"] == []
+    for bad in ("sparse.top_t=1", "nomethod:a=1", "memory:no-equals"):
+        with pytest.raises(SystemExit) as exc:
+            mod.parse_args(["--out", "x", "--set", bad])
+        assert exc.value.code == 2
+        assert "METHOD:KEY=VALUE" in capsys.readouterr().err
