@@ -96,3 +96,17 @@ def small_safetensors(tmp_path_factory) -> Path:
         metadata={"format": "pt"},
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory):
+    """The train tests' tiny dense llama, its graft and data files (tests/train_assets.py)."""
+    from tests.train_assets import train_assets
+
+    return train_assets(tmp_path_factory)
+
+
+@pytest.fixture
+def train_cache(assets, monkeypatch):
+    """Tokenization caches of the train tests go beside their assets, not to ~/.cache."""
+    monkeypatch.setenv("MEMSURGERY_CACHE", str(assets["cache"]))

@@ -12,17 +12,9 @@ import pytest
 import torch
 
 from memsurgery.train import data as D
-from tests.unit.test_train_run import tiny_recipe, train_assets
+from tests.train_assets import tiny_recipe
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return train_assets(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cache(assets, monkeypatch):
-    monkeypatch.setenv("MEMSURGERY_CACHE", str(assets["cache"]))
+pytestmark = pytest.mark.usefixtures("train_cache")
 
 
 def qa_recipe(assets, out, **over) -> dict:

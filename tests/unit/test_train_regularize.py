@@ -9,20 +9,13 @@ import torch
 
 from memsurgery.errors import InputError
 from memsurgery.train.recipe import build_recipe
-from tests.unit.test_train_run import tiny_recipe, train_assets
+from tests.train_assets import tiny_recipe, train_assets
 
 BASE = {"model": "m", "output_dir": "o", "data": {"train": "t.txt"}}
 QUIET = {"log": lambda m: None}
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return train_assets(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cache(assets, monkeypatch):
-    monkeypatch.setenv("MEMSURGERY_CACHE", str(assets["cache"]))
+pytestmark = pytest.mark.usefixtures("train_cache")
 
 
 def _metrics(run_dir) -> list[dict]:

@@ -14,7 +14,7 @@ import pytest
 import torch
 import yaml
 
-from tests.unit.test_train_run import tiny_recipe, train_assets
+from tests.train_assets import tiny_recipe, train_assets
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import random
 import sys
 from pathlib import Path
 
@@ -13,61 +12,11 @@ import torch
 
 from memsurgery.errors import InputError, MissingDependency, RuntimeFailure
 from tests.cli import run_cli as _run_cli
+from tests.train_assets import tiny_recipe
+
+pytestmark = pytest.mark.usefixtures("train_cache")
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-GRAFT = {"layers": [1], "slots": 256, "heads": 2, "knn": 4, "k_dim": 16, "calib_tokens": 512,
-         "heldout_tokens": 256, "seq_len": 32, "kmeans_iters": 3}
-
-
-def train_assets(tmp_path_factory) -> dict:
-    """A tiny dense llama, its graft, and small data files; built once per test session."""
-    root = tmp_path_factory.getbasetemp() / "memsurgery-train-assets"
-    done = root / "done"
-    paths = {"dense": root / "dense", "grafted": root / "grafted", "text": root / "text.txt",
-             "qa": root / "qa.jsonl", "docs": root / "docs.jsonl", "cache": root / "cache"}
-    if done.is_file():
-        return paths
-    from memsurgery.graft import graft
-    from tests.tiny import make_tiny_checkpoint_with_tokenizer
-
-    root.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(0)
-    words = ["the", "memory", "layer", "stores", "facts", "about", "people", "places", "and", "things", "in", "many", "slots"]
-    paths["text"].write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
-    with open(paths["qa"], "w") as fh:
-        fh.writelines(json.dumps({"prompt": f"Person {i} lives in", "answer": f"town {i * 7 % 11}"}) + "\n" for i in range(24))
-    with open(paths["docs"], "w") as fh:
-        fh.writelines(json.dumps({"text": f"Person {i} lives in town {i * 7 % 11} and likes {words[i % 13]}."}) + "\n" for i in range(24))
-    make_tiny_checkpoint_with_tokenizer("llama", paths["dense"])
-    graft(paths["dense"], paths["grafted"], plan=dict(GRAFT, calib=str(paths["text"])))
-    done.write_text("ok")
-    return paths
-
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return train_assets(tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def _cache(assets, monkeypatch):
-    monkeypatch.setenv("MEMSURGERY_CACHE", str(assets["cache"]))
-
-
-def tiny_recipe(assets, out, **over) -> dict:
-    r = {"model": str(assets["grafted"]), "output_dir": str(out), "seed": 0,
-         "data": {"train": str(assets["text"]), "seq_len": 32},
-         "train": {"method": "memory", "steps": 4, "batch_size": 4},
-         "checkpoint": {"every": 2, "keep_last": 2}, "log": {"every": 2, "progress": "off"}}
-    for k, v in over.items():
-        node = r
-        parts = k.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return r
-
-
 def _params(path):
     from memsurgery.graft.hf import load_grafted
 
