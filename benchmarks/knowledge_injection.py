@@ -262,27 +262,13 @@ def given_graft(graft_dir: Path, base: Path) -> Path:
 # ---------------------------------------------------------------- facts
 
 
-def fact_specs(args, out: Path) -> tuple[str, str, list[str]]:
+def fact_specs(args) -> tuple[str, str, list[str]]:
     """(training data spec, people probe spec, probe fact sets). World items are cut to --world-limit."""
-    from memsurgery.probe.api import limit_items
-
     # QA pairs (answer-only loss in every shipped recipe): the same facts the probe asks.
     train_spec = f"builtin:people-qa?n={args.people}&seed={args.seed}&paraphrases={args.paraphrases}"
     probe_people = (f"builtin:people?n={args.people}&seed={args.seed}&unknown={args.unknown}"
                     f"&paraphrases={args.paraphrases}")
-    world = "builtin:world"
-    if args.world_limit:
-        from memsurgery.facts import load_factset
-
-        items = limit_items(load_factset("builtin:world"), args.world_limit)
-        path = out / "facts" / f"world-limit{args.world_limit}.jsonl"
-        text = "".join(json.dumps(it.to_dict(), ensure_ascii=False) + "\n" for it in items)
-        if not path.is_file() or path.read_text(encoding="utf-8") != text:
-            from memsurgery._atomic import atomic_file
-
-            with atomic_file(path, "w") as fh:
-                fh.write(text)
-        world = str(path)
+    world = f"builtin:world?limit={args.world_limit}" if args.world_limit else "builtin:world"
     return train_spec, probe_people, [probe_people, world]
 
 
@@ -657,7 +643,7 @@ def main(argv=None) -> dict:
             graft_dir = resolve_graft(base, graft_plan(args), cache, args.fresh)
         done()
 
-    train_spec, _, facts = fact_specs(args, out)
+    train_spec, _, facts = fact_specs(args)
     shape = batch_shape(args)
     per_step = shape["train.batch_size"] * shape["train.grad_accum"]
 

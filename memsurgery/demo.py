@@ -121,10 +121,9 @@ def run_demo(out: Path, console, json_out: bool = False, *, people: int | None =
     _stage(console, 6, "probe")
     t = time.perf_counter()
     probe_dir = out / "probe"
-    world_file = _world_subset(out / "probe-inputs", world_limit)
     facts = [f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}&unknown={people}&paraphrases={DEMO_PARAPHRASES}",
-             str(world_file)]
-    probe_key = _fingerprint(train_key, facts, world_file.read_text(), DEMO_PROBE)
+             f"builtin:world?limit={world_limit}"]
+    probe_key = _fingerprint(train_key, facts, _world_sha(), DEMO_PROBE)
     probe_report = _reuse(probe_dir, probe_key, "report.json")
     if probe_report is not None:
         console.print(f"reusing {probe_dir} (probed earlier: same trained model and fact sets)")
@@ -236,19 +235,12 @@ def _clear(stage_dir: Path) -> None:
         shutil.rmtree(stage_dir)
 
 
-def _world_subset(folder: Path, limit: int) -> Path:
-    """builtin:world cut to `limit` items, round-robin over relations, as a JSONL file."""
-    from memsurgery._atomic import atomic_file
-    from memsurgery.facts import load_factset
-    from memsurgery.probe.api import limit_items
+def _world_sha() -> str:
+    """The bundled builtin:world file: a new version of it means a new probe."""
+    from memsurgery._hashing import sha256_file
+    from memsurgery.facts.world import bundled_path
 
-    items = limit_items(load_factset("builtin:world"), limit)
-    path = folder / f"world-{limit}.jsonl"
-    text = "".join(json.dumps(it.to_dict(), sort_keys=True) + "\n" for it in items)
-    if not path.is_file() or path.read_text() != text:
-        with atomic_file(path, "w") as fh:
-            fh.write(text)
-    return path
+    return sha256_file(bundled_path())
 
 
 def _kinds(res: dict) -> dict:

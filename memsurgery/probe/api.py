@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from memsurgery.errors import InputError
-from memsurgery.facts import FactItem, load_factset
+from memsurgery.facts import FactItem, limit_items, load_factset
 from memsurgery.probe import metrics as M
 from memsurgery.probe.generate import DEFAULT_STOPS, generate
 
@@ -79,22 +79,6 @@ def resolve_device(device: str) -> torch.device:
 
 
 # ------------------------------------------------------------------ items
-
-
-def limit_items(items: list[FactItem], limit: int | None) -> list[FactItem]:
-    """The first `limit` items taken round-robin over (kind, relation) groups, file order kept."""
-    if limit is None or limit >= len(items):
-        return list(items)
-    groups: dict[tuple, list[FactItem]] = defaultdict(list)
-    for it in items:
-        groups[(it.kind, it.relation)].append(it)
-    picked: set[str] = set()
-    queues = [list(g) for g in groups.values()]
-    while len(picked) < limit:
-        for q in queues:
-            if q and len(picked) < limit:
-                picked.add(q.pop(0).id)
-    return [it for it in items if it.id in picked]
 
 
 def render_prompts(item: FactItem, template: str) -> list[tuple[str, str]]:

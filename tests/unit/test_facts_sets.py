@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -67,7 +68,7 @@ def test_spec_errors():
     assert parse_spec("builtin:people?n=5&seed=1") == ("builtin:people", {"n": "5", "seed": "1"})
     with pytest.raises(InputError, match="unknown builtin"):
         load_factset("builtin:nope")
-    with pytest.raises(InputError, match="no options"):
+    with pytest.raises(InputError, match="takes only limit=K"):
         load_factset("builtin:world?n=3")
     with pytest.raises(InputError, match="unknown option 'size'"):
         load_factset("builtin:people?size=3")
@@ -111,3 +112,33 @@ def test_builtin_people_kinds_and_determinism():
     docs = " ".join(d["text"] for d in data["documents"])
     for f in a:
         assert (f.entity in docs) == (f.kind == "injected")
+
+
+def test_limit_option_cuts_any_set_round_robin(tmp_path):
+    from memsurgery.facts import limit_items, load_factset
+
+    world = load_factset("builtin:world")
+    cut = load_factset("builtin:world?limit=10")
+    assert cut == limit_items(world, 10) and len(cut) == 10
+    assert len({it.relation for it in cut}) == len({it.relation for it in world})  # every relation kept
+    people = load_factset("builtin:people?n=3&seed=7&unknown=2&limit=4")
+    assert people == limit_items(load_factset("builtin:people?n=3&seed=7&unknown=2"), 4)
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps(it.to_dict()) + "\n" for it in world[:6]))
+    assert load_factset(f"{f}?limit=2") == limit_items(load_factset(f), 2)
+    assert load_factset("builtin:world?limit=5000") == world
+
+
+@pytest.mark.parametrize(("spec", "msg"), [
+    ("builtin:world?limit=0", "limit=0 must be at least 1"),
+    ("builtin:world?limit=x", "limit='x' must be an integer"),
+    ("builtin:world?n=3", "builtin:world takes only limit=K"),
+    ("nope.jsonl?limit=3", "fact file not found"),
+])
+def test_limit_option_errors_name_the_spec(spec, msg):
+    from memsurgery.errors import InputError
+    from memsurgery.facts import load_factset
+
+    with pytest.raises(InputError, match=re.escape(msg)) as exc:
+        load_factset(spec)
+    assert spec in str(exc.value)
