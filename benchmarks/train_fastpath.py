@@ -70,9 +70,9 @@ def run_variant(recipe: Path, overrides: list[str], at_targets: bool, cache: boo
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--steps", type=int, default=80, help="steps per memory variant (the cache needs each "
-                                                          "sequence read twice: 80 x 16 covers the demo data)")
-    ap.add_argument("--full-steps", type=int, default=40, help="steps per full-finetuning variant")
+    ap.add_argument("--steps", type=int, default=30, help="steps per memory variant (the cache needs each "
+                                                          "sequence read twice: 30 x 16 >= 2 x 180 demo QA pairs)")
+    ap.add_argument("--full-steps", type=int, default=20, help="steps per full-finetuning variant")
     ap.add_argument("--base", default="demo-out/smollm2-135m", help="dense model directory")
     ap.add_argument("--graft", default="demo-out/smollm2-135m-memory", help="its parallel graft")
     ap.add_argument("--tiny", action="store_true", help="a tiny random llama and graft (numbers meaningless)")
