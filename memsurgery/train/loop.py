@@ -194,12 +194,13 @@ def evaluate(model, seqs, batch_size: int, pad_id: int, device, autocast, max_ba
     was = model.training
     model.eval()
     total, n = 0.0, 0
+    keep = keeps_logits(model)
     try:
         for b, start in enumerate(range(0, len(seqs), batch_size)):
             if max_batches is not None and b >= max_batches:
                 break
             batch = D.collate(seqs, list(range(start, min(start + batch_size, len(seqs)))), pad_id)
-            loss, cnt = loss_sum(model, batch, device, autocast, keep=keeps_logits(model))
+            loss, cnt = loss_sum(model, batch, device, autocast, keep=keep)
             total += float(loss)
             n += cnt
     finally:
@@ -362,6 +363,21 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
         return {"dry_run": True, "recipe": recipe.model_dump(mode="json"), "plan": plan}
 
     assert run_dir is not None
+    at_targets = keeps_logits(model)  # logits only where the loss reads them
+    prefix = None
+    if first is not None:
+        t_pc = time.perf_counter()
+        prefix = PrefixCache(core, first, train_seqs, recipe.train.batch_size, pad_id, device, autocast)
+        ok, diff = agrees(model, prefix, train_seqs, list(range(min(len(train_seqs), recipe.train.batch_size))),
+                          pad_id, device, autocast, at_targets, 1e-2 if bf16 else 1e-4)
+        if ok:
+            say(f"prefix cache: layers 0-{first - 1} run once per sequence ({prefix.nbytes / 2**20:,.0f} MB, "
+                f"{time.perf_counter() - t_pc:.1f} s)")
+        else:
+            prefix, why = None, f"cached and full forwards differ by {diff:.1e} on this architecture"
+            plan["prefix_cache"] = {"enabled": False, "first_layer": None, "why_not": why}
+    if prefix is None and grafted and recipe.train.method in ("memory", "sparse_memory"):
+        say(f"prefix cache: off ({why})")
     if main:  # only now: a recipe that fails on its inputs leaves no run directory behind
         _write_recipe(run_dir, recipe)
         (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
@@ -392,25 +408,6 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                 with atomic_file(idf_path) as fh:
                     fh.write(save({"idf": idf.contiguous()}))
         idf = idf.to(device)
-    at_targets = keeps_logits(model)  # logits only where the loss reads them
-    prefix = None
-    if first is not None:
-        t_pc = time.perf_counter()
-        prefix = PrefixCache(core, first, train_seqs, recipe.train.batch_size, pad_id, device, autocast)
-        ok, diff = agrees(model, prefix, train_seqs, list(range(min(len(train_seqs), recipe.train.batch_size))),
-                          pad_id, device, autocast, at_targets, 1e-2 if bf16 else 1e-4)
-        if ok:
-            say(f"prefix cache: layers 0-{first - 1} run once per sequence ({prefix.nbytes / 2**20:,.0f} MB, "
-                f"{time.perf_counter() - t_pc:.1f} s)")
-        else:
-            prefix, why = None, f"cached and full forwards differ by {diff:.1e} on this architecture"
-    if prefix is None and grafted and recipe.train.method in ("memory", "sparse_memory"):
-        say(f"prefix cache: off ({why})")
-    planned = plan["prefix_cache"]["enabled"]
-    plan["prefix_cache"] = {"enabled": prefix is not None, "first_layer": first if prefix is not None else None,
-                            "why_not": None if prefix is not None else why}
-    if main and planned != (prefix is not None):  # the check turned it off
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
     if grafted:
         bank.set_record(True)  # slot counts for telemetry, pad-row masking and SMF
 
