@@ -98,11 +98,11 @@ def load_factset(spec: str | Path) -> list[FactItem]:
             raise InputError(f"--facts {text}: limit={limit!r} must be an integer") from None
         if limit < 1:
             raise InputError(f"--facts {text}: limit={limit} must be at least 1")
-    rest = name + ("?" + urlencode(params) if params else "")
-    return limit_items(_load(name, params, text, rest), limit)
+    return limit_items(_load(name, params, text), limit)
 
 
-def _load(name: str, params: dict, text: str, rest: str) -> list[FactItem]:
+def _load(name: str, params: dict, text: str) -> list[FactItem]:
+    """The set `name` with its options `params` (limit taken out); `text` is the whole spec, for messages."""
     if name == "builtin:world":
         if params:
             raise InputError(f"--facts {text}: builtin:world takes only limit=K")
@@ -110,7 +110,7 @@ def _load(name: str, params: dict, text: str, rest: str) -> list[FactItem]:
 
         return world_facts()
     if name == "builtin:people":
-        data = people_factset(rest)
+        data = people_factset(name + ("?" + urlencode(params) if params else ""))
         return from_records(data["facts"], label="builtin:people")
     if name.startswith("builtin:"):
         raise InputError(f"--facts {text}: unknown builtin set; choose builtin:world or builtin:people")
