@@ -57,6 +57,7 @@ def _root(
         # On small shared VMs, torch's 2-thread pool can be slower than one thread
         # (measured here: SmolLM2 decode 17 vs 2.2 tok/s); let users choose.
         torch.set_num_threads(threads)
+        os.environ["MEMSURGERY_THREADS"] = str(threads)  # child processes (bench children) use it too
 
 
 def _console():

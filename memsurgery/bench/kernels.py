@@ -265,6 +265,11 @@ def _bench_shape(
 _SHORT = {"ours": "ours", "torch": "torch", "torch_sparse": "torch sp"}
 
 
+def _threads_load(shape: dict) -> str:
+    t = shape.get("threads")
+    return ("" if t is None else f"{t} thr, ") + f"load {shape['loadavg_1min']:.2f}"
+
+
 def _render(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -281,7 +286,7 @@ def _render(report: dict) -> None:
         title=title,
         caption=caption
         + ". torch = F.embedding_bag (dense grad), torch sp = sparse=True (uncoalesced grad); "
-        "speedup = torch ms / ours ms",
+        "speedup = torch ms / ours ms (threads, 1-min load average)",
     )
     for col in ("shape", "phase", "impl", "ms", "GB/s", "% peak", "speedup"):
         table.add_column(col, justify="left" if col in ("shape", "phase", "impl") else "right")
@@ -295,7 +300,7 @@ def _render(report: dict) -> None:
                 table.add_row(
                     shape["name"], phase, _SHORT[key], f"{row['ms']:.2f}", f"{row['gbs']:.1f}",
                     f"{100 * frac:.0f}%" if frac is not None else "-",
-                    f"{shape['speedup'][phase]:.2f}x" if key == "ours" else "",
+                    f"{shape['speedup'][phase]:.2f}x ({_threads_load(shape)})" if key == "ours" else "",
                 )  # fmt: skip
     Console().print(table)
 
@@ -315,15 +320,16 @@ def run_kernel_bench(
         quick: tiny shapes and few reps (seconds on CPU), for CI.
         dtype: table and score dtype, "bfloat16" or "float32"; default bf16 on CUDA,
             fp32 on CPU.
-        threads: torch CPU threads for the run (default: torch's default). On a
-            shared, oversubscribed machine 1 thread gives steadier numbers: every
-            multi-threaded op then pays a scheduling delay for its second thread.
+        threads: torch CPU threads for the run (default: $MEMSURGERY_THREADS, else 1, what
+            the Makefile uses). On a shared, oversubscribed machine 1 thread gives steadier
+            numbers: every multi-threaded op then pays a scheduling delay for its second thread.
     Returns:
         The report dict: device, peak bandwidth, per shape the timings, GB/s, peak
         fraction (CUDA) and speedup; see the module docstring for the bytes model.
     """
-    if threads:
-        torch.set_num_threads(threads)
+    from memsurgery.bench import bench_threads, load_average
+
+    torch.set_num_threads(bench_threads(threads))
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        "cpu" if device == "auto" else device)  # fmt: skip
     if dev.type == "cuda":
@@ -352,7 +358,10 @@ def run_kernel_bench(
         shapes=[],
     )
     for shape in shapes:
-        report["shapes"].append(_bench_shape(shape, dev, dtype, warmup, reps, peak))
+        row = _bench_shape(shape, dev, dtype, warmup, reps, peak)
+        # beside each speedup: what it ran on, and the load while it ran
+        row.update(threads=report["threads"], loadavg_1min=load_average())
+        report["shapes"].append(row)
         gc.collect()  # free this shape's table before the next one is allocated
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -371,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU"
     )
-    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: $MEMSURGERY_THREADS, else 1)")
     args = parser.parse_args(argv)
     run_kernel_bench(
         device=args.device,

@@ -29,11 +29,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
 import time
+
+from memsurgery.bench import bench_threads, child_env, load_average
 
 FULL = {"hidden": 576, "heads": 4, "knn": 32, "k_dim": 256, "tokens": 2048, "warmup": 3, "reps": 7}
 QUICK = {"hidden": 64, "heads": 2, "knn": 8, "k_dim": 32, "tokens": 256, "warmup": 1, "reps": 3}
@@ -58,8 +59,7 @@ def _child(spec: dict) -> dict:
     # exists: python + torch + memsurgery, and the lazy imports (torch._dynamo, sympy;
     # ~160 MB) that constructing any torch.optim.Optimizer triggers.
     torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.0)
-    if spec.get("threads"):
-        torch.set_num_threads(spec["threads"])
+    torch.set_num_threads(int(spec["threads"]))  # always given by the parent (_run_child)
     proc = psutil.Process()
     baseline_rss = proc.memory_info().rss
     torch.manual_seed(0)
@@ -157,7 +157,7 @@ def _child(spec: dict) -> dict:
         "rows_touched": int(statistics.median(touched)),
         "optimizer_fixed_rows": fixed_rows,
         "optimizer_fixed_ms": 1e3 * statistics.median(fixed),
-        "loadavg_1min": os.getloadavg()[0],
+        "loadavg_1min": load_average(),
         "table_bytes": table_bytes,
         "param_bytes": param_bytes,
         "state_bytes": state_bytes,
@@ -171,14 +171,19 @@ def _child(spec: dict) -> dict:
 
 
 def _run_child(spec: dict) -> dict:
+    """Run one configuration in a fresh process, on exactly spec["threads"] torch threads
+    (in the spec and in the child's OMP/MKL/MEMSURGERY thread variables)."""
     cmd = [sys.executable, "-m", "memsurgery.bench.layer", "--child", json.dumps(spec)]
-    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=os.environ.copy())
+    res = subprocess.run(cmd, check=False, capture_output=True, text=True, env=child_env(spec["threads"]))
     if res.returncode != 0:
         tail = (res.stderr or res.stdout).strip().splitlines()[-5:]
         raise RuntimeError(
             f"bench child {spec['optimizer']}/{spec['slots']} failed: " + " | ".join(tail)
         )
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    if out["threads"] != spec["threads"]:
+        raise RuntimeError(f"bench child ran on {out['threads']} threads, asked for {spec['threads']}")
+    return out
 
 
 def run_layer_bench(
@@ -190,11 +195,15 @@ def run_layer_bench(
 ) -> dict:
     """Run every configuration (each in a fresh subprocess); print a table or JSON; return the dict.
 
+    Every child runs on `threads` torch threads (default: $MEMSURGERY_THREADS, else 1, what
+    the Makefile uses); each ratio carries that count and the load average of its two runs.
+
     Returns {"settings": {...}, "configs": [per-config dicts], "ratios": {optimizer: large/small},
     "targets": {...}, "passed": {...}}.
     """
     base = QUICK if quick else FULL
     tables = QUICK_TABLES if quick else FULL_TABLES
+    threads = bench_threads(threads)
     # rounds > 1 runs the whole sequence again and keeps, per configuration, the round
     # with the lowest median step: on a shared machine this filters load from others.
     fixed_rows = min(FIXED_ROWS, min(s for _, s in tables) // 2)  # equal on every table
@@ -227,13 +236,16 @@ def run_layer_bench(
             "rows_touched_ratio": large["rows_touched"] / max(1, small["rows_touched"]),
             "optimizer_time_ratio": large["optimizer_ms"] / small["optimizer_ms"],
             "optimizer_fixed_work_ratio": large["optimizer_fixed_ms"] / small["optimizer_fixed_ms"],
+            # what the two timings ran on, and the 1-min load average after each
+            "threads": threads,
+            "loadavg_1min": [small["loadavg_1min"], large["loadavg_1min"]],
         }
     result = {
         "settings": dict(
             base,
             quick=quick,
             value_dtype=value_dtype,
-            threads=configs[0]["threads"],
+            threads=threads,
             rounds=rounds,
             fixed_rows=fixed_rows,
         ),
@@ -264,7 +276,7 @@ def _print_table(result: dict) -> None:
     print(
         f"{'opt':5} {'slots':>9} {'step ms':>8} {'fwd':>7} {'bwd':>7} {'opt':>7} {'tok/s':>8} "
         f"{'rows':>7} {'opt@fix':>7} {'expect MiB':>10} {'base MiB':>8} {'peak MiB':>8} {'transient':>9} "
-        f"{'peak/exp':>8} {'excess':>7}"
+        f"{'peak/exp':>8} {'excess':>7} {'load':>5}"
     )
     for c in result["configs"]:
         print(
@@ -272,14 +284,15 @@ def _print_table(result: dict) -> None:
             f"{c['backward_ms']:>7.1f} {c['optimizer_ms']:>7.1f} {c['tokens_per_s']:>8.0f} "
             f"{c['rows_touched']:>7} {c['optimizer_fixed_ms']:>7.1f} {c['expected_bytes'] / mib:>10.0f} "
             f"{c['baseline_rss'] / mib:>8.0f} {c['peak_rss'] / mib:>8.0f} {c['transient_bytes'] / mib:>9.0f} "
-            f"{c['peak_over_expected']:>8.2f} {c['excess_over_expected']:>+7.1%}"
+            f"{c['peak_over_expected']:>8.2f} {c['excess_over_expected']:>+7.1%} {c['loadavg_1min']:>5.2f}"
         )
     for opt, r in result["ratios"].items():
         print(
             f"{opt}: step time {r['large_slots']}/{r['small_slots']} slots = {r['step_time_ratio']:.2f} "
             f"(min-based {r['step_time_ratio_min']:.2f}; target <= {RATIO_TARGET}); rows touched ratio "
             f"{r['rows_touched_ratio']:.2f}; optimizer time ratio {r['optimizer_time_ratio']:.2f}, "
-            f"at equal work ({result['settings']['fixed_rows']} rows) {r['optimizer_fixed_work_ratio']:.2f}"
+            f"at equal work ({result['settings']['fixed_rows']} rows) {r['optimizer_fixed_work_ratio']:.2f}; "
+            f"threads {r['threads']}, load average {r['loadavg_1min'][0]:.2f} / {r['loadavg_1min'][1]:.2f}"
         )
     print(
         "transient = peak RSS - baseline RSS - expected; excess = transient / expected; "
@@ -292,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
-    ap.add_argument("--threads", type=int, help="torch threads per run (default: torch's default)")
+    ap.add_argument("--threads", type=int, help="torch threads per run (default: $MEMSURGERY_THREADS, else 1)")
     ap.add_argument(
         "--rounds", type=int, default=1, help="repeat all configs, keep each one's best round"
     )

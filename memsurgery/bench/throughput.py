@@ -40,6 +40,9 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
         from memsurgery.fetch import fetch_demo_checkpoint
 
         ckpt = fetch_demo_checkpoint(log=log)
+    from memsurgery.bench import bench_threads, load_average
+
+    torch.set_num_threads(bench_threads())  # $MEMSURGERY_THREADS (set by --threads), else 1
     if quick:
         slots, decode_tokens, prefill_batch, prefill_len, reps = 4096, 8, 2, 32, 1
     src = open_checkpoint(ckpt)
@@ -76,7 +79,8 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
                 times[name]["decode"] += _timeit(lambda: decode(m), 1)
                 times[name]["prefill"] += _timeit(lambda: fwd(m), 1)
     result = {"checkpoint": str(ckpt), "layers": layers, "slots": slots, "heads": heads, "knn": cfg.knn,
-              "k_dim": k_dim, "reps": reps, "threads": torch.get_num_threads(), "models": {}}
+              "k_dim": k_dim, "reps": reps, "threads": torch.get_num_threads(), "loadavg_1min": load_average(),
+              "models": {}}
     for name, t in times.items():
         dec = decode_tokens / statistics.median(t["decode"])
         pre = prefill_batch * prefill_len / statistics.median(t["prefill"])
@@ -92,7 +96,9 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
 def render(result: dict, console) -> None:
     from rich.table import Table
 
-    table = Table(title=f"inference throughput, {result['slots']:,} slots at layers {result['layers']}")
+    table = Table(title=f"inference throughput, {result['slots']:,} slots at layers {result['layers']}",
+                  caption=f"x base = tokens/s ratio; {result['threads']} torch thread(s), "
+                          f"1-min load average {result['loadavg_1min']:.2f}")
     for col in ("model", "decode tok/s (b=1)", "x base", "prefill tok/s (8x256)", "x base"):
         table.add_column(col, justify="right")
     for name, m in result["models"].items():
