@@ -300,6 +300,8 @@ def test_bench_child_runs_quick_in_process():
             warmup=1,
             reps=1,
             fixed_rows=64,
+            threads=torch.get_num_threads(),  # the parent always passes it; keep this process's
         )
     )
+    assert r["threads"] == torch.get_num_threads()
     assert r["step_ms"] > 0 and r["rows_touched"] > 0 and r["expected_bytes"] > r["table_bytes"]
