@@ -14,7 +14,13 @@ PYTEST_ARGS ?=
 export MEMSURGERY_THREADS ?= 1
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup demo test test-fast gpu-check clean
+# The `numerics` tests (tests/conftest.py NUMERICS: floats compared across kernels, processes,
+# batchings) under another CPU's code path: torch's portable kernels (no SIMD), MKL and
+# oneDNN capped at AVX2, faiss without SIMD. Any machine computes the same math with other
+# roundings; a tolerance copied from what one machine printed fails here.
+NUMERICS_ENV ?= ATEN_CPU_CAPABILITY=default MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 FAISS_SIMD_LEVEL=NONE
+
+.PHONY: setup demo test test-fast test-numerics gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +40,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+test-numerics: setup
+	env $(NUMERICS_ENV) $(BIN)/python -m pytest -m numerics $(PYTEST_ARGS)
 
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow and not integration" $(PYTEST_ARGS)
