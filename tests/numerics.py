@@ -19,10 +19,16 @@ difference of large terms carries the error of the large terms. So comparisons h
 normwise, |a - b| <= tol * max|b|, never elementwise-relative (an elementwise rtol fails on
 whichever entries happen to be near zero on a given machine).
 
-Training: Adam's update lr * m / (sqrt(v) + eps) is scale-invariant, so a relative error
-delta in a gradient becomes an error of about lr * delta in the update; after S steps the
-weights moved by ~S * lr while their error is ~S * lr * delta, i.e. delta relative to the
-scale the run gave them: the same bound, normwise against max|w|.
+Adam-trained weights: the update lr * m / (sqrt(v) + eps) divides each entry's gradient by
+that entry's own gradient RMS. A gradient error of tol x (the tensor's gradient scale) is
+therefore amplified by max_j sqrt(v_j) / sqrt(v_i) on an entry whose gradient is small, up
+to 2 lr per step where a gradient at the rounding level flips sign. Measured on the 2-process
+tests under AVX2 kernels: the worst value entry had a gradient RMS 722x below the largest
+and differed by 3.7e-5 of max|w| (0.8 of the bound) while the tensor as a whole differed by
+9e-7 in the 2-norm. So Adam-trained weights are compared in the 2-norm (norm="fro"):
+|| a - b || <= tol x || b ||, where those few amplified entries count by their share; a real
+error (a rank's gradient dropped, a row updated twice) moves many entries by ~lr, far above
+tol x || b ||. Losses and other logged means are compared in the max-norm.
 """
 
 from __future__ import annotations
@@ -65,19 +71,32 @@ def memory_chain(d: int, memory: dict) -> int:
     return d + memory["k_dim"] // 2 + knn + heads * knn + (memory.get("v_dim") or d)
 
 
-def assert_close_normwise(actual, expected, rtol: float, msg: str = "") -> None:
-    """max|actual - expected| <= rtol * max|expected| (plus the smallest normal fp32
-    number, for tensors that are exactly zero on both sides)."""
+def normwise_error(actual, expected, norm: str = "max") -> tuple[float, float]:
+    """(||actual - expected||, ||expected||) in the max-norm or the 2-norm ("fro")."""
     a = torch.as_tensor(actual).detach()
     b = torch.as_tensor(expected).detach()
     a = (a.to_dense() if a.is_sparse else a).double()
     b = (b.to_dense() if b.is_sparse else b).double()
-    assert a.shape == b.shape, (msg, tuple(a.shape), tuple(b.shape))
-    assert torch.isfinite(a).all() and torch.isfinite(b).all(), (msg, "non-finite values")
+    assert a.shape == b.shape, (tuple(a.shape), tuple(b.shape))
+    assert torch.isfinite(a).all() and torch.isfinite(b).all(), "non-finite values"
     if b.numel() == 0:
-        return
-    diff = float((a - b).abs().max())
-    scale = float(b.abs().max())
+        return 0.0, 0.0
+    if norm == "max":
+        return float((a - b).abs().max()), float(b.abs().max())
+    if norm == "fro":
+        return float((a - b).norm()), float(b.norm())
+    raise ValueError(norm)
+
+
+def assert_close_normwise(actual, expected, rtol: float, msg: str = "", norm: str = "max") -> None:
+    """||actual - expected|| <= rtol * ||expected|| (plus the smallest normal fp32 number,
+    for tensors that are exactly zero on both sides); the max-norm, or the 2-norm for
+    Adam-trained weights (norm="fro", see the module docstring)."""
+    try:
+        diff, scale = normwise_error(actual, expected, norm)
+    except AssertionError as err:
+        raise AssertionError(f"{msg}: {err}") from None
     bound = rtol * scale + torch.finfo(torch.float32).tiny
-    assert diff <= bound, (f"{msg}: max |diff| {diff:.3e} > {bound:.3e} "
-                           f"(= {rtol:.2e} x max |expected| {scale:.3e}; ratio {diff / bound:.2f})")
+    name = "max |diff|" if norm == "max" else "||diff||"
+    assert diff <= bound, (f"{msg}: {name} {diff:.3e} > {bound:.3e} "
+                           f"(= {rtol:.2e} x {norm}-norm of expected {scale:.3e}; ratio {diff / bound:.2f})")

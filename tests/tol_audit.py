@@ -109,17 +109,15 @@ def pytest_configure(config):
 
     orig_normwise = numerics.assert_close_normwise
 
-    def assert_close_normwise(actual, expected, rtol, msg=""):
+    def assert_close_normwise(actual, expected, rtol, msg="", norm="max"):
         try:
-            a = torch.as_tensor(actual).detach().double()
-            b = torch.as_tensor(expected).detach().double()
-            diff = float((a - b).abs().max()) if b.numel() else 0.0
-            bound = rtol * float(b.abs().max()) + torch.finfo(torch.float32).tiny if b.numel() else 1.0
-            _RECORDS.append({"test": _CURRENT["test"], "site": _site(), "kind": "normwise",
-                             "ratio": diff / bound, "max_abs_diff": diff, "tol": bound})
+            diff, scale = numerics.normwise_error(actual, expected, norm)
+            bound = rtol * scale + torch.finfo(torch.float32).tiny
+            _RECORDS.append({"test": _CURRENT["test"], "site": _site(), "kind": f"normwise-{norm}",
+                             "ratio": diff / bound, "max_abs_diff": diff, "tol": bound, "msg": msg})
         except Exception:
             pass
-        return orig_normwise(actual, expected, rtol, msg)
+        return orig_normwise(actual, expected, rtol, msg, norm)
 
     numerics.assert_close_normwise = assert_close_normwise
     torch.testing.assert_close = assert_close

@@ -51,8 +51,15 @@ def test_reorder_rtol_follows_the_error_model():
 def test_normwise_comparison_fails_on_a_real_difference():
     b = torch.tensor([1.0, -2.0, 1e-9])
     assert_close_normwise(b + 1e-7, b, 1e-7)  # within 1e-7 x max|b| = 2e-7
-    with pytest.raises(AssertionError, match="max |diff|"):
+    with pytest.raises(AssertionError, match=re.escape("max |diff| 1.000e-06 > 2.000e-07")):
         assert_close_normwise(b + 1e-6, b, 1e-7)
+    # the 2-norm: one entry off by 1e-6 in a tensor of norm 1e3 passes at 1e-8, not at 1e-10
+    w = torch.full((1000, 1000), 1.0, dtype=torch.float64)
+    w2 = w.clone()
+    w2[0, 0] += 1e-6
+    assert_close_normwise(w2, w, 1e-8, norm="fro")
+    with pytest.raises(AssertionError, match="ratio"):
+        assert_close_normwise(w2, w, 1e-10, norm="fro")
     with pytest.raises(AssertionError, match="non-finite"):
         assert_close_normwise(torch.tensor([float("nan")]), torch.tensor([0.0]), 1.0)
     assert_close_normwise(torch.zeros(3), torch.zeros(3), 0.0)  # exactly zero on both sides

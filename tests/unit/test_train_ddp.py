@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[2]
 # backward pass of the (grafted) tiny llama: n = 2 x forward_chain + 128 ~ 2,500 roundings.
 # So losses and weights may differ by reorder_rtol(n) = 4.8e-5 of their scale, normwise
 # (tests/numerics.py); not elementwise: an entry near 0 carries its tensor's rounding error.
+# Adam-trained weights in the 2-norm: Adam amplifies the error of entries with small
+# gradients (under AVX2 kernels a value entry differed by 3.7e-5 of max|w|, the tensor by 9e-7).
 TOL = reorder_rtol(2 * forward_chain(TINY_CONFIGS["llama"], 32, GRAFT), 128)
 
 
@@ -90,7 +92,7 @@ def test_two_process_gloo_matches_single_process(tmp_path_factory, tmp_path, mon
     wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000010" / "trainable.safetensors"))
     assert wa.keys() == wb.keys()
     for k in wa:
-        assert_close_normwise(wb[k], wa[k], TOL, k)
+        assert_close_normwise(wb[k], wa[k], TOL, k, norm="fro")
     if method == "sparse_memory":  # the same rows were chosen on both sides
         v0 = load_file(str(assets["grafted"] / "model.safetensors"))["memory_bank.values.weight"]
         k = "memory_bank.values.weight"
@@ -99,7 +101,7 @@ def test_two_process_gloo_matches_single_process(tmp_path_factory, tmp_path, mon
     fb = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     assert fa.keys() == fb.keys()
     for k in fa:
-        assert_close_normwise(fb[k], fa[k], TOL, k)
+        assert_close_normwise(fb[k], fa[k], TOL, k, norm="fro")
 
     if mp or fsdp:  # resume from the full-size checkpoint (shards regathered), 2 more steps
         first = over | {"memory_parallel": 1, "fsdp": False, "train.batch_size": 2}
@@ -112,4 +114,4 @@ def test_two_process_gloo_matches_single_process(tmp_path_factory, tmp_path, mon
         wa = load_file(str(tmp_path / "one" / "checkpoints" / "step-00000012" / "trainable.safetensors"))
         wb = load_file(str(tmp_path / "two" / "checkpoints" / "step-00000012" / "trainable.safetensors"))
         for k in wa:
-            assert_close_normwise(wb[k], wa[k], TOL, k)
+            assert_close_normwise(wb[k], wa[k], TOL, k, norm="fro")
