@@ -17,6 +17,9 @@ the instruction set of the matrix products, which ATEN_CPU_CAPABILITY does not t
 (k-means of the graft's keys) picks its SIMD level by FAISS_SIMD_LEVEL.)
 Threads: $MEMSURGERY_THREADS / $OMP_NUM_THREADS, default 1, as the Makefile sets them.
 
+Time: the portable `default` path has no SIMD in torch's kernels and SSE4.2 matrix products;
+at --people 5 --steps 20 on a loaded 2-vCPU machine it took 56 min against 14 min native.
+
 Then it prints the demo's summary metrics side by side, and a fingerprint of each stage's
 output (converted weights, grafted memory keys/query, trained values, the training losses,
 the probe's generations): "=" where a variant's stage output is bit-identical to the first
@@ -78,9 +81,10 @@ def fingerprints(out: Path) -> dict:
     fp: dict[str, str | None] = {}
     fp["convert: weights"] = _tensor_hash(out / "smollm2-135m")
     graft = out / "smollm2-135m-memory"
+    fp["graft: memory query"] = _tensor_hash(graft, lambda k: k.startswith("memory_bank") and k.endswith(".query.weight"))
     fp["graft: memory keys"] = _tensor_hash(graft, lambda k: k.startswith("memory_bank") and k.endswith(".keys"))
     fp["graft: other memory"] = _tensor_hash(
-        graft, lambda k: k.startswith("memory_bank") and not k.endswith(".keys"))
+        graft, lambda k: k.startswith("memory_bank") and not k.endswith((".keys", ".query.weight")))
     metrics = out / "train-run" / "metrics.jsonl"
     losses = ([json.loads(x).get("loss") for x in metrics.read_text().splitlines() if '"loss"' in x]
               if metrics.is_file() else None)
@@ -163,13 +167,20 @@ def main(argv: list[str] | None = None) -> int:
         if rc != 0:
             print((out / f"{name}.log").read_text()[-2000:], file=sys.stderr)
             return rc
-    summaries = {}
+    summaries, timings = {}, {}
     for name in names:
         f = out / name / "demo-summary.json"
-        summaries[name] = json.loads(f.read_text())["summary"] if f.is_file() else None
+        doc = json.loads(f.read_text()) if f.is_file() else {}
+        summaries[name], timings[name] = doc.get("summary"), doc.get("timings") or {}
     print()
     print(f"demo summary by CPU code path ({threads} torch thread(s)):")
     _print_table(["metric", *names], summary_rows(summaries))
+    stages = [k for k in ("convert", "graft", "train", "probe", "export", "total") if any(k in t for t in timings.values())]
+    if stages:
+        print()
+        print("stage seconds (as each demo measured them; a reused stage is short):")
+        _print_table(["stage", *names], [[k] + [f"{timings[n][k]:.0f}" if k in timings[n] else "-" for n in names]
+                                         for k in stages])
     if any(walls.values()):
         print("wall: " + ", ".join(f"{n} {w:.0f} s" for n, w in walls.items() if w))
     print()
