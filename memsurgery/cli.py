@@ -134,14 +134,14 @@ def inspect_cmd(
     else:
         render_inspect(report, _console())
         if trace is not None:
-            from memsurgery.graft.trace import render_trace
+            from memsurgery.inspection.trace import render_trace
 
             render_trace(report["trace"], _console(), chosen=report["trace"]["chosen"])
 
 
 def _run_trace(src, facts_path: str, quiet: bool) -> dict:
     """Causal tracing over a fact set: the per-layer MLP profile `graft --layers auto` uses."""
-    from memsurgery.graft import trace as tr
+    from memsurgery.inspection import trace as tr
 
     facts = tr.load_facts(None if facts_path == "builtin" else facts_path)
     tokenizer = src.load_tokenizer()

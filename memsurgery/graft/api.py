@@ -181,7 +181,7 @@ def graft(
     t = time.perf_counter()
     trace_profile = None
     if plan.layers == "auto":
-        from memsurgery.graft import trace
+        from memsurgery.inspection import trace
 
         log("choosing layers by causal tracing (--layers auto)")
         facts = trace.load_facts(plan.trace_facts)
