@@ -1,19 +1,24 @@
-"""Inspection: what a checkpoint is, and where it knows its facts.
+"""Inspection: what a checkpoint is, what a graft would cost, and where it knows its facts.
 
-- `report`: the `memsurgery inspect` report, from headers only, and the graft estimate;
+    report = inspect_checkpoint(open_checkpoint(path), GraftProposal(slots=65536))
+    render_inspect(report, console)
+
+- `report`: the `memsurgery inspect` report, from headers only (no weights loaded);
+- `estimate`: the proposed memory (`GraftProposal`) and its cost (`graft_estimate`);
+- `render`: the report as rich tables;
 - `trace`: causal tracing over known facts (loads the weights), the per-layer profile
-  behind `inspect --trace` and `graft --layers auto`. Not imported here: it needs torch.
+  behind `inspect --trace` and `graft --layers auto`. Not imported here: it needs torch,
+  and `inspect` without `--trace` stays light.
 """
 
-from memsurgery.inspection.report import (
-    SCHEMA,
+from memsurgery.inspection.estimate import (
     GraftProposal,
     default_memory_layers,
     graft_estimate,
-    inspect_checkpoint,
     parse_slots,
-    render_inspect,
 )
+from memsurgery.inspection.render import render_inspect
+from memsurgery.inspection.report import SCHEMA, inspect_checkpoint
 
 __all__ = [
     "SCHEMA",
