@@ -178,11 +178,11 @@ def resolve_base(args, cache: Path) -> Path:
     elif args.tiny:
         return build_tiny_base(cache / "tiny-llama")
     else:
-        from memsurgery.fetch import fetch_demo_checkpoint
+        from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         src = fetch_demo_checkpoint(log=log)
-    from memsurgery.convert import convert_checkpoint
-    from memsurgery.fetch import sha256_file
+    from memsurgery.checkpoint.convert import convert_checkpoint
+    from memsurgery._hashing import sha256_file
 
     digest = sha256_file(src)
     out = cache / f"base-{digest[:12]}"

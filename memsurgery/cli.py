@@ -94,7 +94,7 @@ def convert(
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report."),
 ) -> None:
     """Convert a checkpoint (GGUF or safetensors) into a standard Hugging Face directory."""
-    from memsurgery.convert import convert_checkpoint
+    from memsurgery.checkpoint.convert import convert_checkpoint
 
     # Progress goes to stdout so that stderr carries nothing but the one-line error.
     log = (lambda m: None) if json_out else _console().print
@@ -226,7 +226,7 @@ def _render_graft(report: dict) -> None:
 @app.command("fetch-demo")
 def fetch_demo() -> None:
     """Download (once) and verify the demo checkpoint, SmolLM2-135M-Instruct GGUF; print its path."""
-    from memsurgery.fetch import fetch_demo_checkpoint
+    from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
     print(fetch_demo_checkpoint(log=_console().print))
 

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from memsurgery.errors import InputError, RuntimeFailure
-from memsurgery.fetch import DEMO_SHA256, fetch_demo_checkpoint
+from memsurgery.checkpoint.fetch import DEMO_SHA256, fetch_demo_checkpoint
 
 
 def _converted_matches(out_dir: Path) -> bool:
@@ -40,7 +40,7 @@ def _stage(console, i: int, name: str) -> None:
 def run_demo(out: Path, console, json_out: bool = False, *, people: int | None = None,
              steps: int | None = None, world_limit: int | None = None) -> dict:
     from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.convert import convert_checkpoint
+    from memsurgery.checkpoint.convert import convert_checkpoint
     from memsurgery.inspection import GraftProposal, inspect_checkpoint, render_inspect
 
     people = DEMO_PEOPLE if people is None else people

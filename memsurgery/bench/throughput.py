@@ -37,7 +37,7 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
     from memsurgery.memory import MemoryConfig
 
     if ckpt is None:
-        from memsurgery.fetch import fetch_demo_checkpoint
+        from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         ckpt = fetch_demo_checkpoint(log=log)
     if quick:
