@@ -100,7 +100,7 @@ A dense checkpoint with a shared product-key memory (Memory+) grafted in by
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{out_name}", trust_remote_code=True)
 # or, with memsurgery installed (fast kernels, sparse value gradients, no remote code):
-import memsurgery.graft.hf as hf; model = hf.load_grafted("{out_name}")
+import memsurgery.export.hf as hf; model = hf.load_grafted("{out_name}")
 ```
 
 `graft.json` holds the full plan, initialization statistics and library versions.
@@ -125,7 +125,8 @@ def graft(
     """
     from memsurgery.arch import spec_for_config
     from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.graft import calibration, hf, keyinit
+    from memsurgery.export import hf
+    from memsurgery.graft import calibration, keyinit
     from memsurgery.memory import MemoryConfig
 
     t_start = time.perf_counter()

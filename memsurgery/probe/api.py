@@ -40,7 +40,7 @@ def _resolve_dir(path: Path) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, info) for a grafted or dense HF directory, a run dir, or a GGUF file."""
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     src = _resolve_dir(Path(path))
     if not src.exists():
@@ -131,7 +131,7 @@ def evaluate(model, tokenizer, items: list[FactItem], *, set_name: str = "custom
              max_new_tokens: int = 12, batch_size: int = 16, stops=DEFAULT_STOPS, signals: bool = True,
              reference_values: torch.Tensor | None = None, abstain_logprob: float | None = None):
     """(samples, telemetry or None): every item under the template(s), scored."""
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     jobs = [(it, t, p) for it in items for t, p in render_prompts(it, template)]
     capture = None
@@ -390,7 +390,7 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
         base_model, base_tok, base_info = _get(baseline, baseline_tokenizer or tokenizer, "baseline")
 
     ref = None
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     # Written rows are compared with the baseline's table when it is a graft of the same shape
     # (base = the untrained graft); else with zeros (parallel grafts start with a zero table).
@@ -457,7 +457,7 @@ def explain(model, tokenizer, text: str, top: int = 8, max_new_tokens: int = 12)
 
     A text ending in "?" is asked with the qa template, anything else as a completion.
     """
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
     from memsurgery.probe.signals import MemoryCapture
 
     if not hf.is_grafted_model(model):

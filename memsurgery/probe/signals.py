@@ -171,7 +171,7 @@ class MemoryCapture:
     usage: dict = field(init=False)
 
     def __post_init__(self):
-        from memsurgery.graft import hf
+        from memsurgery.export import hf
 
         self.layers = hf.memory_layers(self.model)
         self.usage = {L: UsageCounter(m.config.slots) for L, m in self.layers.items()}

@@ -87,7 +87,7 @@ def _quiet_transformers():
 def _load(p: Path, path: str, cfg: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     try:
         if hf.is_grafted_config(cfg):
@@ -300,7 +300,7 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
 
     # ---- model and data
     t0 = time.perf_counter()
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     core, tokenizer = load_model_and_tokenizer(recipe.model)
     grafted = hf.is_grafted_model(core)
@@ -745,7 +745,7 @@ def _save(run_dir, step, groups, opt, position, consecutive, skipped, tokens_see
 
 def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> None:
     from memsurgery._atomic import atomic_output_dir
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     out = model
     if recipe.train.method == "lora":

@@ -93,7 +93,7 @@ class Regularizer:
     """Holds the text windows and negative prompts; `step()` adds the penalties' gradients."""
 
     def __init__(self, recipe, core, tokenizer, pad_id: int, max_len: int | None, log=lambda m: None):
-        from memsurgery.graft import hf
+        from memsurgery.export import hf
         from memsurgery.train.recipe import DataSpec
 
         spec = recipe.regularize

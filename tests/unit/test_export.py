@@ -16,7 +16,7 @@ from tests.tiny import build_tiny_model, build_tiny_tokenizer
 @pytest.fixture(scope="module")
 def grafted_dir(tmp_path_factory):
     """A tiny grafted checkpoint with a non-zero value table, laid out as a train run dir (final/)."""
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
     from memsurgery.memory import MemoryConfig
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def grafted_dir(tmp_path_factory):
 
 def test_export_round_trip(grafted_dir, tmp_path):
     from memsurgery.export import MANIFEST, check_manifest, export
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     run, report = grafted_dir
     out = tmp_path / "exported"
@@ -89,7 +89,7 @@ def test_corrupted_shard_is_caught(grafted_dir, tmp_path):
 
 
 def test_failed_verification_leaves_no_output(grafted_dir, tmp_path, monkeypatch):
-    import memsurgery.export as ex
+    import memsurgery.export.api as ex
 
     run, _ = grafted_dir
     # A reload that disagrees with the in-memory model (as a broken writer would produce).

@@ -23,7 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from memsurgery.graft.hf import (
+from memsurgery.export.hf import (
     graft_model,
     is_grafted_config,
     memory_layers,
@@ -308,7 +308,7 @@ def test_missing_memory_weights_get_reference_init(tmp_path, registered):
 
 def test_load_grafted(tmp_path):
     from memsurgery.errors import InputError
-    from memsurgery.graft.hf import load_grafted
+    from memsurgery.export.hf import load_grafted
 
     base, model = _graft("qwen2")
     save_grafted(model, tmp_path / "g")
@@ -389,7 +389,7 @@ def _import_written_files(directory: Path):
 
 @pytest.fixture(scope="module")
 def fallback_module(tmp_path_factory):
-    from memsurgery.graft.modeling_memsurgery import write_code_files
+    from memsurgery.export.modeling_memsurgery import write_code_files
 
     directory = tmp_path_factory.mktemp("code") / "ckpt"
     directory.mkdir()

@@ -33,7 +33,7 @@ def test_lm_eval_runs_grafted_model_offline(tmp_path, monkeypatch):
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         pytest.skip(f"lm_eval is not importable ({err}); pip install 'memsurgery[lm-eval]'")
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
     from memsurgery.memory import MemoryConfig
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")

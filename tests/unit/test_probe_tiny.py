@@ -36,7 +36,7 @@ def tiny():
     Injected items' answers are what the model generates after the write (so they are
     answered correctly by construction); unknown items' answers are never generated.
     """
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
     from memsurgery.memory import MemoryConfig
     from memsurgery.probe.generate import generate
     from memsurgery.probe.signals import MemoryCapture
@@ -205,7 +205,7 @@ def test_quick_eval(tiny):
 
 
 def test_cli_probe_and_errors(tiny, tmp_path, capsys):
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     model, _, tok, items = tiny
     ckpt = tmp_path / "g"

@@ -19,14 +19,14 @@ from pathlib import Path, PurePosixPath
 import torch
 
 from memsurgery.errors import InputError
-from memsurgery.graft.configuration_memsurgery import (
+from memsurgery.export.configuration_memsurgery import (
     AUTO_MAP,
     FORMAT_VERSION,
     MODEL_TYPE_PREFIX,
     MODES,
     grafted_model_type,
 )
-from memsurgery.graft.modeling_memsurgery import (
+from memsurgery.export.modeling_memsurgery import (
     CODE_FILES,
     MemsurgeryModelMixin,
     build_classes,

@@ -45,16 +45,6 @@ def _weights_sha256(root: Path) -> str:
     return sha256_files(sorted(root.glob("*.safetensors")))
 
 
-def publish_modes(root: Path) -> None:
-    """Ordinary permissions (0644 files, 0755 dirs, minus the umask): temp files are created 0600/0700."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [root, *root.rglob("*")]:
-        p.chmod((0o755 if p.is_dir() else 0o644) & ~mask)
-
-
 def write_manifest(root: Path) -> list[str]:
     """Write SHA256SUMS for every file under `root` (relative POSIX paths, sorted)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -256,8 +246,8 @@ def export(src: str | Path, out: str | Path, *, probe_reports=(), dtype: str = "
     from transformers import AutoTokenizer
 
     from memsurgery import __version__
-    from memsurgery._atomic import atomic_output_dir, check_output_dir
-    from memsurgery.graft import hf
+    from memsurgery._atomic import atomic_output_dir, check_output_dir, publish_modes
+    from memsurgery.export import hf
 
     src = Path(src)
     if not src.exists():
