@@ -57,7 +57,8 @@ from memsurgery.graft.calibration import (
     capture_mlp_inputs,
 )
 from memsurgery.graft.distill import DEFAULTS, distill_memories
-from memsurgery.export.hf import graft_model, is_grafted_model, memory_layers
+from memsurgery.export.hf import is_grafted_model, memory_layers
+from memsurgery.graft.surgery import graft_model
 from memsurgery.graft.keyinit import init_memory_keys
 from memsurgery.memory import MemoryConfig
 

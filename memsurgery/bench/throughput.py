@@ -32,7 +32,7 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
                          quick: bool = False, log=print) -> dict:
     from memsurgery.arch import spec_for_config
     from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.export.hf import graft_model
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.inspection import default_memory_layers
     from memsurgery.memory import MemoryConfig
 

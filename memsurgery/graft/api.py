@@ -127,6 +127,7 @@ def graft(
     from memsurgery.checkpoint import open_checkpoint
     from memsurgery.export import hf
     from memsurgery.graft import calibration, keyinit
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
     t_start = time.perf_counter()
@@ -217,7 +218,7 @@ def graft(
     mcfg = MemoryConfig.build(slots=plan.slots, heads=plan.heads, knn=plan.knn, k_dim=plan.k_dim,
                               qk_norm=plan.qk_norm, swilu=plan.swilu, gate=plan.effective_gate,
                               value_dtype=plan.value_dtype)
-    model = hf.graft_model(base, mcfg, layers, plan.mode)
+    model = graft_model(base, mcfg, layers, plan.mode)
     mem = hf.memory_layers(model)
 
     # ---- 6. keys

@@ -17,11 +17,12 @@ from tests.tiny import build_tiny_model, build_tiny_tokenizer
 def grafted_dir(tmp_path_factory):
     """A tiny grafted checkpoint with a non-zero value table, laid out as a train run dir (final/)."""
     from memsurgery.export import hf
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
     torch.manual_seed(0)
-    model = hf.graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
-                           [1], "parallel").eval()
+    model = graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
+                        [1], "parallel").eval()
     with torch.no_grad():
         model.memory_bank.values.weight.normal_(0, 0.3)
     run = tmp_path_factory.mktemp("run")

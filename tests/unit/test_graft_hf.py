@@ -24,12 +24,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from memsurgery.export.hf import (
-    graft_model,
     is_grafted_config,
     memory_layers,
     register_all,
     save_grafted,
 )
+from memsurgery.graft.surgery import graft_model
 from memsurgery.memory import MemoryBank, MemoryConfig
 from tests.tiny import FAMILIES, build_tiny_model
 
