@@ -56,7 +56,7 @@ from memsurgery.graft.calibration import (
     calibration_split,
     capture_mlp_inputs,
 )
-from memsurgery.graft.distill import DEFAULTS, distill_memories
+from memsurgery.train.distill import DEFAULTS, distill_memories
 from memsurgery.export.hf import is_grafted_model, memory_layers
 from memsurgery.graft.surgery import graft_model
 from memsurgery.graft.keyinit import init_memory_keys

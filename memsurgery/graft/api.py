@@ -258,7 +258,7 @@ def graft(
                 for layer in mem.values():
                     layer.zero_output_()
     if values_mode == "distill":
-        from memsurgery.graft.distill import distill_memories
+        from memsurgery.train.distill import distill_memories
 
         # One joint fit: the layers share the value table, so fitting them one after
         # another would let each layer overwrite rows the previous one relied on.
@@ -277,7 +277,7 @@ def graft(
         g_logits = model(check_ids).logits
     check["max_abs_logit_diff_vs_base"] = float((g_logits - base_logits).abs().max())
     if plan.mode == "replace":
-        from memsurgery.graft.distill import perplexity
+        from memsurgery.probe.perplexity import perplexity
 
         ppl_ids = heldout_ids
         g_ppl = perplexity(model, ppl_ids)

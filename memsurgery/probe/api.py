@@ -274,7 +274,7 @@ def retention_perplexity(model, tokenizer, n_tokens: int = 4096, seq_len: int = 
     text was never used to initialize the memory.
     """
     from memsurgery.graft.calibration import builtin_corpus, calibration_split
-    from memsurgery.graft.distill import perplexity
+    from memsurgery.probe.perplexity import perplexity
 
     max_pos = getattr(model.config, "max_position_embeddings", None) or seq_len
     seq_len = min(seq_len, int(max_pos))

@@ -42,14 +42,13 @@ layer 15 separately would let the second fit move rows the first relies on.
 `distill_memories` fits several layers jointly (a step takes one minibatch of every
 layer and sums their normalized losses); `distill_memory` is its one-layer case.
 
-`perplexity(model, input_ids)` is the held-out metric reported for a replace-mode
-graft. Measurements and defaults: docs/graft.md, "Replace mode";
-benchmarks/replace_distill.py.
+A graft calls this for `--values distill` (memsurgery/graft/api.py); the held-out
+perplexity it then reports is memsurgery/probe/perplexity.py. Measurements and
+defaults: docs/graft.md, "Replace mode"; benchmarks/replace_distill.py.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -62,7 +61,7 @@ from memsurgery.memory.layer import ProductKeyMemory
 from memsurgery.ops import embedding_bag
 from memsurgery.optim import SparseRowAdam
 
-__all__ = ["DEFAULTS", "INIT_METHODS", "distill_memories", "distill_memory", "perplexity", "route"]
+__all__ = ["DEFAULTS", "INIT_METHODS", "distill_memories", "distill_memory", "route"]
 
 INIT_METHODS = ("dense", "smoother", "none")
 
@@ -649,37 +648,3 @@ def distill_memory(
     )
     layer_info = res.pop("layers")["0"]
     return {**res, **layer_info}
-
-
-# ------------------------------------------------------------------------ perplexity
-
-
-@torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) of a causal LM over token windows input_ids [B, T].
-
-    Every position but the first of each window is predicted (B * (T - 1) tokens), no
-    padding, no cache, fp32 log-softmax. Runs in eval mode (restored after).
-    """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise InputError(
-            f"perplexity: input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}"
-        )
-    if batch_size < 1:
-        raise InputError(f"perplexity: batch_size={batch_size} must be >= 1")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[i : i + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-            )
-            total += float(nll)
-            count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)
