@@ -7,49 +7,45 @@ from typing import Annotated
 
 import typer
 
+from memsurgery.commands._common import emit_json
 
-def register(app) -> None:
-    """Add this module's commands to the Typer app."""
 
-    @app.command()
-    def train(
-        recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML); see recipes/ and docs/recipes.md.")],
-        set_: Annotated[list[str] | None, typer.Option(
-            "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.steps=50 (value parsed as YAML); repeatable.")] = None,
-        resume: Annotated[bool, typer.Option(
-            "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
-        dry_run: Annotated[bool, typer.Option(
-            "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
-        json_out: Annotated[bool, typer.Option(
-            "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
-    ) -> None:
-        """Train a grafted (or dense) checkpoint from a YAML recipe: memory, sparse_memory, full or lora."""
-        import json
-        import os
-        import sys
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML); see recipes/ and docs/recipes.md.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.steps=50 (value parsed as YAML); repeatable.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
+) -> None:
+    """Train a grafted (or dense) checkpoint from a YAML recipe: memory, sparse_memory, full or lora."""
+    import os
 
-        from rich.console import Console
+    from rich.console import Console
 
-        from memsurgery.train import run
+    from memsurgery.train import run
 
-        # With --json, stdout carries only the JSON document; messages go to stderr.
-        console = Console(stderr=json_out)
+    # With --json, stdout carries only the JSON document; messages go to stderr.
+    console = Console(stderr=json_out)
 
-        def log(msg) -> None:
-            console.print(str(msg), markup=False, highlight=False)
+    def log(msg) -> None:
+        console.print(str(msg), markup=False, highlight=False)
 
-        summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
-            return
-        if json_out:
-            sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
-        elif dry_run:
-            _render_plan(console, summary["plan"])
-        else:
-            console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
-                          f"(final loss {summary['final_loss']:.4f}"
-                          + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
-                          + f"); model in {summary['final_dir']}", markup=False)
+    summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
+    if json_out:
+        emit_json(summary)
+    elif dry_run:
+        _render_plan(console, summary["plan"])
+    else:
+        console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
+                      f"(final loss {summary['final_loss']:.4f}"
+                      + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
+                      + f"); model in {summary['final_dir']}", markup=False)
 
 
 def _render_plan(console, plan: dict) -> None:

@@ -9,6 +9,8 @@ being grafted, so the memory goes where the model already does its fact lookup:
     layers  = choose_layers(profile, k=3)            # strongest layers, spread out
     render_trace(profile, console, chosen=layers)
 
+(`trace_checkpoint` does the first three for an opened Checkpoint: `inspect --trace`.)
+
 For every fact the model gets right (the greedy continuation of the prompt is one
 of the answers), three kinds of run:
 
@@ -588,6 +590,19 @@ def _clean_and_corrupted(runs: list[tuple]) -> dict:
     corrupt_p = [c for _, c, _ in runs]
     return {"clean_prob_mean": sum(clean_p) / len(clean_p),
             "corrupted_prob_mean": sum(corrupt_p) / len(corrupt_p)}
+
+
+def trace_checkpoint(src, facts: str, log: Callable[[str], None] | None = None) -> dict:
+    """`inspect --trace`: the profile of an opened Checkpoint over a fact JSONL ("builtin":
+    the bundled set), with the layers `graft --layers auto` would choose under "chosen"."""
+    items = load_facts(None if facts == "builtin" else facts)
+    tokenizer = src.load_tokenizer()
+    if tokenizer is None:
+        raise InputError(f"{src.path}: has no tokenizer; --trace needs one")
+    model = src.load_model()
+    profile = trace_layers(model, tokenizer, items, log=log)
+    profile["chosen"] = choose_layers(profile, k=3)
+    return profile
 
 
 # ---------------------------------------------------------------- choosing layers
