@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memsurgery.hooks import capture_io, run_until_stopped
 from memsurgery.train import data as D
 
 # Config keys whose positive value means dropout somewhere in the network.
@@ -65,10 +66,6 @@ def loss_sum(model, batch: dict, device, autocast, *, keep: bool, prefix: Prefix
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                ignore_index=D.IGNORE, reduction="sum")
     return loss, int(has_tgt.sum())
-
-
-class _Stop(Exception):
-    """Raised once the first memory layer's input is captured: nothing above is needed."""
 
 
 def _layers_parent(core) -> tuple[nn.Module, str]:
@@ -136,32 +133,21 @@ class PrefixCache:
         self.core, self.first = core, first
         parent, name = _layers_parent(core)
         target = getattr(parent, name)[first]
-        got: list = []
-
-        def grab(mod, args, kwargs):
-            got.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
-
         rows: list[torch.Tensor] = []
-        handle = target.register_forward_pre_hook(grab, with_kwargs=True)
         was_training = core.training
         core.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), capture_io({first: target}, stop_after=first) as seen:
                 for start in range(0, len(seqs), batch_size):
                     idx = list(range(start, min(start + batch_size, len(seqs))))
                     b = D.collate(seqs, idx, pad_id)
-                    got.clear()
-                    try:
-                        with autocast():
-                            core(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-                    except _Stop:
-                        pass
-                    h = got[0]
+                    with autocast():
+                        run_until_stopped(core, input_ids=b["input_ids"].to(device),
+                                          attention_mask=b["attention_mask"].to(device))
+                    h = seen[first]
                     for r, n in enumerate(b["attention_mask"].sum(1).tolist()):
                         rows.append(h[r, :n].detach().clone())
         finally:
-            handle.remove()
             core.train(was_training)
         self.lengths = [r.shape[0] for r in rows]
         self.offsets = [0]
