@@ -10,7 +10,7 @@ Per token x [d] (N tokens, H heads, K = k_dim, K2 = K/2, knn picks, V = v_dim):
     out        = W_o(bag * silu(W_g x))   if swilu else W_o(bag)         [N, d]
     out       *= sigmoid(w_r . x + b_r)   if gate == "relevance"
 
-The value table is NOT a submodule of the layer (see values.py / MemoryBank): the
+The value table is NOT a submodule of the layer (see values.py and bank.py): the
 layer keeps a plain reference, so a model with one table and several layers stores
 and optimizes the table once. Math, init and design notes: docs/memory-layer.md.
 """

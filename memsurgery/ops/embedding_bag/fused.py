@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
-from memsurgery.ops.dispatch import BackendUnavailable
+from memsurgery.errors import BackendUnavailable
 from memsurgery.ops.embedding_bag.naive import accumulate_dtype, check_inputs, output_dtype
 from memsurgery.ops.embedding_bag.sparse import row_sparse_grad
 
