@@ -375,20 +375,13 @@ def run_kernel_bench(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", dest="json_out", help="print JSON instead of a table")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
-    args = parser.parse_args(argv)
-    run_kernel_bench(
-        device=args.device,
-        json_out=args.json,
-        quick=args.quick,
-        dtype=args.dtype,
-        threads=args.threads,
-    )
+    run_kernel_bench(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -309,24 +309,19 @@ def _print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--json", action="store_true", dest="json_out", help="print JSON instead of a table")
     ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, help="torch threads per run (default: torch's default)")
     ap.add_argument(
         "--rounds", type=int, default=1, help="repeat all configs, keep each one's best round"
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+    args = vars(ap.parse_args(argv))
+    child = args.pop("child")
+    if child:
+        print(json.dumps(_child(json.loads(child))))
         return
-    run_layer_bench(
-        json_out=args.json,
-        quick=args.quick,
-        value_dtype=args.value_dtype,
-        threads=args.threads,
-        rounds=args.rounds,
-    )
+    run_layer_bench(**args)
 
 
 if __name__ == "__main__":
