@@ -444,6 +444,30 @@ def test_fallback_layer_equals_memsurgery(mem, fallback_module):
     assert plain.values.weight.grad.is_sparse
 
 
+@pytest.mark.parametrize(
+    "mem",
+    [{}, {"qk_norm": False}, {"swilu": False, "gate": "relevance"}, {"score_scale": 0.7, "gate_bias_init": 0.5},
+     {"value_dtype": "bfloat16", "v_dim": 24, "gate": "relevance"}],
+)
+def test_fallback_copies_stay_equal(mem, fallback_module):
+    """The remote-code file repeats memsurgery's settings rules and reference init (it must run
+    without memsurgery): the copies give the same score scale, table dtype and initial weights."""
+    mod = fallback_module
+    cfg = MemoryConfig.build(**{**MEM, **mem}).for_model(32)
+    settings = mod.PlainMemorySettings(cfg.model_dump())
+    assert settings.effective_score_scale == cfg.effective_score_scale
+    assert settings.torch_value_dtype == cfg.torch_value_dtype
+    bank = MemoryBank.from_config(cfg)
+    plain = mod.PlainMemoryBank(settings)
+    for b in (bank, plain):
+        b.add_layer("3")
+        torch.manual_seed(1)
+        b["3"].reset_parameters()
+    ours, theirs = bank["3"].state_dict(), plain["3"].state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_fallback_model_equals_in_process_model(tmp_path):
     _, model = _graft("gemma3_text", layers=(0, 1), gate="relevance", gate_bias_init=2.0)
     save_grafted(model, tmp_path / "ckpt")
