@@ -50,9 +50,6 @@ import torch
 torch.set_num_threads(int(os.environ.get("MEMSURGERY_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 RECIPES = ROOT / "recipes"
 # method -> (recipe file, trains the grafted model)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -181,8 +178,8 @@ def resolve_base(args, cache: Path) -> Path:
         from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         src = fetch_demo_checkpoint(log=log)
-    from memsurgery.checkpoint.convert import convert_checkpoint
     from memsurgery._hashing import sha256_file
+    from memsurgery.checkpoint.convert import convert_checkpoint
 
     digest = sha256_file(src)
     out = cache / f"base-{digest[:12]}"
