@@ -109,6 +109,26 @@ def test_no_import_cycles():
     assert import_cycles() == []
 
 
+def _memsurgery_imports(path: Path) -> list[tuple[int, str]]:
+    """(line, module) of every absolute `memsurgery...` import in a file, lazy ones included."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.append((node.lineno, node.module))
+    return [(line, m) for line, m in found if m == PACKAGE.name or m.startswith(PACKAGE.name + ".")]
+
+
+def test_every_import_names_a_module_that_exists():
+    """A lazy import of a module that has moved fails only when its function runs: catch it here."""
+    modules = _modules()
+    files = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "tests").rglob("*.py"))
+    stale = [f"{path.relative_to(PACKAGE.parent)}:{line} {m}" for path in files
+             for line, m in _memsurgery_imports(path) if m not in modules]
+    assert not stale, f"imports of modules that do not exist: {stale}"
+
+
 _IMPORT_EACH = r"""
 import importlib, sys
 failed = []
