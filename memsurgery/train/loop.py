@@ -335,7 +335,8 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
         "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
         "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
                  "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
-                 "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached")},
+                 "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached"),
+                 "memory_positions": spec.memory_positions, "views": train_seqs.info.get("views")},
         "groups": {g: {"params": counts_all.get(g, 0), "trainable": sum(p.numel() for _, p in groups.get(g, [])),
                        "lr": recipe.lr(g), "weight_decay": recipe.weight_decay(g),
                        "optimizer": ("sparse-row-" + recipe.optim.value_optimizer) if g == "values" else "adamw"}
@@ -487,7 +488,9 @@ def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry
                 if grafted:
                     from memsurgery.train.smf import batch_slot_counts
 
-                    step_counts += batch_slot_counts(core, b["attention_mask"].to(device), slots)
+                    # with data.memory_positions: entity only the entity's reads count (the rest are masked)
+                    real = b["attention_mask"].bool() & b.get("memory_mask", torch.tensor(True))
+                    step_counts += batch_slot_counts(core, real.to(device), slots)
                 (loss / max(n_targets, 1)).backward()
                 loss_acc += loss.detach().double().cpu()
             reg_parts = reg_counts = None
