@@ -114,6 +114,7 @@ def _score(item: FactItem, set_name: str, template: str, gen, abstain_logprob: f
     em, f1 = M.score_answer(gen.answer, item.answers)
     row = {
         "id": item.id, "set": set_name, "kind": item.kind, "relation": item.relation, "entity": item.entity,
+        "phrasing": item.phrasing,
         "template": template, "prompt": gen.prompt, "answers": list(item.answers),
         "generation": gen.answer, "raw": gen.raw,
         "exact_match": em, "f1": f1,
@@ -305,6 +306,9 @@ def _run_one(model, tokenizer, sets, *, template, max_new_tokens, batch_size, si
         res["retention"] = retention_perplexity(model, tokenizer, ppl_tokens)
     else:
         res["retention"] = None
+    from memsurgery.probe.knowledge import knowledge
+
+    res["knowledge"] = knowledge(samples, res["retention"])
     res["timings"] = {"generate": t_gen, "total": time.perf_counter() - t0}
     return res, samples
 
