@@ -57,6 +57,11 @@ def _render_plan(console, plan: dict) -> None:
     console.print(f"data: {d['train']} ({d['format']}): {d['train_sequences']} sequences, {d['train_tokens']:,} "
                   f"tokens, seq_len {d['seq_len']}, packing {d['packing']}; eval {d['eval_sequences']} sequences",
                   markup=False)
+    if d.get("memory_positions") == "entity":
+        console.print("memory acts only at the entity's tokens during training (data.memory_positions: entity)",
+                      markup=False)
+    if d.get("views"):
+        _render_views(console, d["views"])
     table = Table(title="parameters by group")
     for col in ("group", "params", "trainable", "lr", "weight decay", "optimizer"):
         table.add_column(col, justify="right")
@@ -68,3 +73,19 @@ def _render_plan(console, plan: dict) -> None:
                   f"{plan['steps']} steps x {plan['sequences_per_step']} sequences "
                   f"(<= {plan['tokens_per_step_max']:,} tokens/step, <= {plan['tokens_total_max']:,} in all, "
                   f"{plan['epochs']} epochs)", markup=False)
+
+
+def _render_views(console, v: dict) -> None:
+    """What `format: facts` generated: counts per phrasing and one fact's wordings."""
+    console.print(f"views: {v['facts']} facts of {v['entities']} entities -> {v['qa_pairs']} QA pairs, "
+                  f"{v['documents']} documents", markup=False)
+    console.print("  phrasings trained: " + ", ".join(f"{k} x{n}" for k, n in v["phrasings"].items()),
+                  markup=False)
+    ex = v["example"]
+    console.print(f"  example fact: {ex['entity']} / {ex['relation']} -> {ex['answer']!r}", markup=False)
+    for text in ex["trained"]:
+        console.print(f"    trained:  {text!r}", markup=False)
+    for text in ex["documents"]:
+        console.print(f"    document: {text!r}", markup=False)
+    for text in ex["held_out_never_trained"]:
+        console.print(f"    held out: {text!r}  (never trained; the probe asks it)", markup=False)

@@ -55,7 +55,7 @@ def loss_sum(model, batch: dict, device, autocast, *, keep: bool, prefix: Prefix
     if keep:
         # position t predicts token t + 1; the last position predicts nothing
         kw["logits_to_keep"] = F.pad(has_tgt, (0, 1), value=False)
-    with autocast():
+    with autocast(), memory_positions(model, batch.get("memory_mask")):
         if prefix is not None:
             logits = prefix.forward(model, idx, mask, **kw)
         else:
@@ -66,6 +66,24 @@ def loss_sum(model, batch: dict, device, autocast, *, keep: bool, prefix: Prefix
         loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tgt.reshape(-1),
                                ignore_index=D.IGNORE, reduction="sum")
     return loss, int(has_tgt.sum())
+
+
+@contextmanager
+def memory_positions(model, mask: torch.Tensor | None):
+    """Let the memory layers act only where `mask` [B, T] is True (None: everywhere)."""
+    if mask is None:
+        yield
+        return
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [layer for _, layer in core.memory_bank] if hasattr(core, "memory_bank") else []
+    mask = mask.to(next(core.parameters()).device)
+    for layer in layers:
+        layer.token_mask = mask
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_mask = None
 
 
 def _layers_parent(core) -> tuple[nn.Module, str]:

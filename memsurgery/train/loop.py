@@ -383,7 +383,8 @@ class TrainingRun:
             "world_size": self.dist.world, "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
             "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
                      "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
-                     "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached")},
+                     "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached"),
+                     "memory_positions": spec.memory_positions, "views": train_seqs.info.get("views")},
             "groups": {g: {"params": counts_all.get(g, 0),
                            "trainable": sum(p.numel() for _, p in groups.get(g, [])),
                            "lr": recipe.lr(g), "weight_decay": recipe.weight_decay(g),
@@ -608,7 +609,9 @@ class TrainingRun:
             if self.grafted:
                 from memsurgery.train.smf import batch_slot_counts
 
-                step_counts += batch_slot_counts(self.core, b["attention_mask"].to(self.device), self.slots)
+                # with data.memory_positions: entity only the entity's reads count (the rest are masked)
+                real = b["attention_mask"].bool() & b.get("memory_mask", torch.tensor(True))
+                step_counts += batch_slot_counts(self.core, real.to(self.device), self.slots)
             (loss / max(n_targets, 1)).backward()
             loss_acc += loss.detach().double().cpu()
         return loss_acc, step_counts

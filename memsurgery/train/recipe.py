@@ -52,13 +52,35 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class ViewsSpec(_Strict):
+    """What `format: facts` renders from each structured fact (memsurgery.facts.views)."""
+
+    qa: bool = True  # every training phrasing as an answer-only pair (completions + questions)
+    documents: int = 0  # short documents per entity (loss on the answers' spans)
+    templates: str | None = None  # a JSON table of your relations' phrasings (docs/recipes.md)
+    seed: int = 0
+
+    @field_validator("documents")
+    @classmethod
+    def _docs(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
+
+
 class DataSpec(_Strict):
     train: str
     eval: str | None = None
-    format: Literal["text", "documents", "qa"] = "text"
+    format: Literal["text", "documents", "qa", "facts"] = "text"
+    views: ViewsSpec = Field(default_factory=ViewsSpec)
     text_field: str = "text"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    entity_field: str = "entity"
+    # Where the memory layers act during training: every token, or only the tokens of each
+    # record's entity (its `entity_field`), so that a fact is written where any later
+    # question about the entity can read it. At inference the memory acts everywhere.
+    memory_positions: Literal["all", "entity"] = "all"
     qa_separator: str = "auto"
     seq_len: int = 256
     packing: bool = True
@@ -72,8 +94,10 @@ class DataSpec(_Strict):
 
     @model_validator(mode="after")
     def _cross(self):
-        if self.answer_only_loss and self.format != "qa":
-            raise ValueError("answer_only_loss needs format: qa (prompt/answer pairs)")
+        if self.answer_only_loss and self.format not in ("qa", "facts"):
+            raise ValueError("answer_only_loss needs format: qa (prompt/answer pairs) or facts")
+        if self.format == "facts" and not (self.views.qa or self.views.documents):
+            raise ValueError("format: facts renders nothing with views.qa false and views.documents 0")
         if self.one_fact_per_sequence and self.packing:
             raise ValueError("one_fact_per_sequence: true needs packing: false (packing joins facts)")
         return self

@@ -109,24 +109,56 @@ def test_no_import_cycles():
     assert import_cycles() == []
 
 
-def _memsurgery_imports(path: Path) -> list[tuple[int, str]]:
-    """(line, module) of every absolute `memsurgery...` import in a file, lazy ones included."""
+def _memsurgery_imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """(line, module, names taken from it) of every absolute `memsurgery...` import in a file."""
     found = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            found += [(node.lineno, a.name) for a in node.names]
+            found += [(node.lineno, a.name, []) for a in node.names]
         elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-            found.append((node.lineno, node.module))
-    return [(line, m) for line, m in found if m == PACKAGE.name or m.startswith(PACKAGE.name + ".")]
+            found.append((node.lineno, node.module, [a.name for a in node.names if a.name != "*"]))
+    return [f for f in found if f[1] == PACKAGE.name or f[1].startswith(PACKAGE.name + ".")]
 
 
-def test_every_import_names_a_module_that_exists():
-    """A lazy import of a module that has moved fails only when its function runs: catch it here."""
+def _top_level_names(path: Path) -> set[str] | None:
+    """Names a module defines at top level (also inside top-level if/try); None when it has a
+    module `__getattr__` (any name may resolve)."""
+    names: set[str] = set()
+    todo = list(ast.parse(path.read_text(encoding="utf-8")).body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign, ast.AugAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names.update(n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name))
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "handlers", []) + getattr(node, "finalbody", [])
+        elif isinstance(node, ast.ExceptHandler):
+            todo += node.body
+    return None if "__getattr__" in names else names
+
+
+def test_every_import_names_something_that_exists():
+    """A lazy import of something that has moved fails only when its function runs: catch it here.
+
+    Every `import memsurgery.x` / `from memsurgery.x import y` in the package and the tests
+    must name a module x, and y must be a submodule of x or a name x defines."""
     modules = _modules()
     files = sorted(PACKAGE.rglob("*.py")) + sorted((PACKAGE.parent / "tests").rglob("*.py"))
-    stale = [f"{path.relative_to(PACKAGE.parent)}:{line} {m}" for path in files
-             for line, m in _memsurgery_imports(path) if m not in modules]
-    assert not stale, f"imports of modules that do not exist: {stale}"
+    stale = []
+    for path in files:
+        for line, module, names in _memsurgery_imports(path):
+            where = f"{path.relative_to(PACKAGE.parent)}:{line}"
+            if module not in modules:
+                stale.append(f"{where} {module}")
+                continue
+            defined = _top_level_names(modules[module])
+            stale += [f"{where} {module}.{n}" for n in names
+                      if f"{module}.{n}" not in modules and defined is not None and n not in defined]
+    assert not stale, f"imports of modules or names that do not exist: {stale}"
 
 
 _IMPORT_EACH = r"""
