@@ -80,3 +80,13 @@ def test_probe_reports_the_triple_and_the_residual_probe(tmp_path):
     rows = [json.loads(line) for line in open(tmp_path / "p" / "samples.jsonl")]
     assert rows and not any("residual" in r for r in rows)  # the vectors are never written
     assert {r["phrasing"].split("/")[0] for r in rows if r["kind"] == "injected"} == {"train", "heldout"}
+
+
+def test_entity_token_reductions():
+    from memsurgery.probe.signals import CaptureContext, _entity_last, _entity_max, _entity_min
+
+    v = torch.tensor([[1.0, 5.0, 3.0, 0.0], [2.0, 2.0, 2.0, 2.0]])
+    ctx = CaptureContext(written=None, entity_mask=torch.tensor([[0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool))
+    for fn, want in ((_entity_max, 5.0), (_entity_min, 3.0), (_entity_last, 3.0)):
+        got = fn(v, ctx)
+        assert got[0] == want and torch.isnan(got[1])
