@@ -108,6 +108,19 @@ def check_unique(items: Iterable[FactItem], label: str) -> None:
         seen.add(it.id)
 
 
+def jsonl_records(lines: list[str], label: str):
+    """(line number, "label:n", parsed record) for every non-blank line of a JSONL file."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{label}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        yield n, where, rec
+
+
 def read_jsonl(path: str | Path, default_kind: str | None = None) -> list[FactItem]:
     """Read and validate a fact-set JSONL file (blank lines skipped)."""
     path = Path(path)
@@ -118,14 +131,7 @@ def read_jsonl(path: str | Path, default_kind: str | None = None) -> list[FactIt
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the fact file ({err})") from None
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for n, where, rec in jsonl_records(text.splitlines(), str(path)):
         items.append(validate_record(rec, where, default_id=f"{path.name}:{n}", default_kind=default_kind))
     if not items:
         raise InputError(f"{path}: the fact file has no facts")

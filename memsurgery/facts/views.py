@@ -128,10 +128,10 @@ def people_facts(people) -> list[Fact]:
 def read_fact_records(path, label: str | None = None) -> tuple[list[Fact], list[Fact]]:
     """(injected-or-known facts, unknown facts) of a JSONL file of structured facts:
     {"entity", "relation", "answer" | "answers", "id"?, "kind"?} per line."""
-    import json
     from pathlib import Path
 
     from memsurgery.errors import InputError
+    from memsurgery.facts.schema import jsonl_records
 
     path = Path(path)
     label = label or str(path)
@@ -142,14 +142,7 @@ def read_fact_records(path, label: str | None = None) -> tuple[list[Fact], list[
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{label}: cannot read the fact file ({err})") from None
     taught, unknown, seen = [], [], set()
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{label}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for n, where, rec in jsonl_records(lines, label):
         if not isinstance(rec, dict):
             raise InputError(f"{where}: each line must be a JSON object")
         for key in ("entity", "relation"):
