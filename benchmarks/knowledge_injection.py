@@ -588,7 +588,7 @@ def parse_args(argv=None):
     ap.add_argument("--ppl-tokens", type=int, default=None, help="held-out perplexity tokens (default 4096)")
     ap.add_argument("--batch-size", type=int, default=None, help="override the shared batch size")
     ap.add_argument("--seq-len", type=int, default=None, help="override the shared sequence length")
-    ap.add_argument("--probe-batch", type=int, default=16, help="prompts per probe batch")
+    ap.add_argument("--probe-batch", type=int, default=64, help="prompts per probe batch")
     ap.add_argument("--seed", type=int, default=1,
                     help="people generator seed (default 1: seed 0 chose the recipe settings, docs/results.md)")
     ap.add_argument("--tiny", action="store_true",
