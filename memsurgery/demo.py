@@ -195,7 +195,7 @@ DEMO_PARAPHRASES = 3
 DEMO_WORLD_LIMIT = 200
 # On top of recipes/knowledge-injection.yaml: one checkpoint at the end is enough here.
 DEMO_TRAIN_OVERRIDES: list[str] = ["checkpoint.every=1000000", "eval.every=0", "eval.probe=null"]
-DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=16, ppl_tokens=8192)
+DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=64, ppl_tokens=8192)
 
 
 def _recipe(name: str) -> Path:

@@ -65,7 +65,7 @@ def probe(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
     template: str = typer.Option("auto", "--template", help="qa, completion, both, or auto (completion when a prompt exists)."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
-    batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Prompts per batch (decoding is memory-bound on CPU: larger batches read the weights fewer times)."),
     ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
     signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
     explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),

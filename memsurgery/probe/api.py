@@ -157,7 +157,7 @@ class _Captures:
 
 
 def evaluate(model, tokenizer, items: list[FactItem], *, set_name: str = "custom", template: str = "auto",
-             max_new_tokens: int = 12, batch_size: int = 16, stops=DEFAULT_STOPS, signals: bool = True,
+             max_new_tokens: int = 12, batch_size: int = 64, stops=DEFAULT_STOPS, signals: bool = True,
              reference_values: torch.Tensor | None = None, abstain_logprob: float | None = None,
              residual_layer: int | None = None):
     """(samples, telemetry or None): every item under the template(s), scored.
@@ -447,7 +447,7 @@ def _lm_eval_sections(res: dict, sets, template: str, max_new_tokens: int, stops
 
 def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None, out=None, *,
               tokenizer=None, baseline_tokenizer=None, limit: int | None = None, template: str = "auto",
-              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 16, ppl_tokens: int = 4096,
+              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
               signals: bool = True, primary_signal: str | None = None, abstain_logprob: float | None = None,
               residual_layer: int | str | None = "auto", force: bool = False, log=lambda msg: None) -> dict:
     """Probe a model (and optionally a baseline) on fact sets; write reports to `out` if given.
