@@ -128,7 +128,7 @@ def _graft(hf_dir: Path, graft_dir: Path, console) -> dict:
 
 def _train(graft_dir: Path, run_dir: Path, people: int, steps: int, console) -> tuple[str, dict]:
     """(the stage's fingerprint, the training summary)."""
-    people_spec = f"builtin:people-qa?n={people}&seed={DEMO_PEOPLE_SEED}&paraphrases={DEMO_PARAPHRASES}"
+    people_spec = f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}"  # structured facts: the recipe renders views
     recipe_path = _recipe("knowledge-injection.yaml")
     overrides = [f"model={graft_dir.absolute()}", f"output_dir={run_dir.absolute()}",
                  f"data.train={people_spec}", f"train.steps={steps}", *DEMO_TRAIN_OVERRIDES]
@@ -149,7 +149,9 @@ def _train(graft_dir: Path, run_dir: Path, people: int, steps: int, console) -> 
 def _probe(final_dir: Path, hf_dir: Path, probe_dir: Path, train_key: str, people: int, world_limit: int,
            console) -> tuple[str, dict]:
     """(the stage's fingerprint, the probe report of trained vs base)."""
-    facts = [f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}&unknown={people}&paraphrases={DEMO_PARAPHRASES}",
+    facts = [f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}&unknown={people}&phrasings=views"
+             f"&train_per_fact={DEMO_PHRASINGS['trained']}&heldout_per_fact={DEMO_PHRASINGS['heldout']}"
+             f"&unknown_per_fact={DEMO_PHRASINGS['unknown']}",
              f"builtin:world?limit={world_limit}"]
     probe_key = _fingerprint(train_key, facts, _world_sha(), DEMO_PROBE)
     probe_report = _reuse(probe_dir, probe_key, "report.json")
@@ -191,8 +193,11 @@ DEMO_STEPS = 200
 # Seed 0 was used to choose the recipe's settings and the probe's default signal
 # (docs/results.md); the demo measures them on other people.
 DEMO_PEOPLE_SEED = 1
-DEMO_PARAPHRASES = 3
 DEMO_WORLD_LIMIT = 200
+# Phrasings the probe asks per fact: trained ones (reliability), held-out ones that no
+# training text holds (generalization; questions asked as "Q: ...\nA:"), and held-out
+# ones per never-trained look-alike's fact (hallucination, the memory signal).
+DEMO_PHRASINGS = {"trained": 1, "heldout": 5, "unknown": 2}
 # On top of recipes/knowledge-injection.yaml: one checkpoint at the end is enough here.
 DEMO_TRAIN_OVERRIDES: list[str] = ["checkpoint.every=1000000", "eval.every=0", "eval.probe=null"]
 DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=64, ppl_tokens=8192)
@@ -255,38 +260,39 @@ def _world_sha() -> str:
     return sha256_file(bundled_path())
 
 
-def _kinds(res: dict) -> dict:
-    """Exact match per kind, whatever template each item was asked with."""
-    out: dict[str, float] = {}
-    for summ in res.get("summary", {}).values():
-        for kind, m in summ["kinds"].items():
-            out.setdefault(kind, m["exact_match"])
-    return out
+def _em(d) -> float | None:
+    return None if not d else d.get("exact_match")
+
+
+def _triple(res: dict) -> dict:
+    """Reliability, generalization (questions, completions), locality, hallucination of one model."""
+    k = res.get("knowledge") or {}
+    gen = k.get("generalization") or {}
+    return {"reliability": _em(k.get("reliability")), "generalization": _em(gen),
+            "generalization_questions": _em(gen.get("questions")),
+            "generalization_completions": _em(gen.get("completions")),
+            "known": _em((k.get("locality") or {}).get("known")),
+            "perplexity": (res.get("retention") or {}).get("perplexity"),
+            "unknown_wrong_questions": (k.get("hallucination") or {}).get("attempted_wrong_questions")}
 
 
 def summarize_demo(report: dict, train: dict | None, *, people: int, steps: int) -> dict:
     """The numbers the demo prints: base vs trained, from the probe report."""
-    base = report.get("baseline") or {}
-    model_k, base_k = _kinds(report), _kinds(base)
+    model, base = _triple(report), _triple(report.get("baseline") or {})
     sig = report.get("signals") or {}
     prim = sig.get("primary")
-    abst = sig.get("abstention") or {}
-    hall, base_hall = report.get("hallucination") or {}, base.get("hallucination") or {}
-    ppl = (report.get("retention") or {}).get("perplexity")
-    base_ppl = (base.get("retention") or {}).get("perplexity")
-    return {
-        "people": people, "steps": steps,
-        "injected_em": {"base": base_k.get("injected"), "trained": model_k.get("injected")},
-        "known_em": {"base": base_k.get("known"), "trained": model_k.get("known")},
-        "perplexity": {"base": base_ppl, "trained": ppl},
-        "unknown_wrong": {"base": base_hall.get("incorrect"), "trained": hall.get("incorrect"),
-                          "trained_abstaining": abst.get("unknown_attempted_wrong_after")},
-        "signal": prim,
-        "signal_auroc": ((sig.get("signals") or {}).get(prim) or {}).get("auroc_injected_vs_unknown"),
-        "injected_correct_kept": abst.get("injected_correct_kept"),
-        "train_seconds": (train or {}).get("seconds"),
-        "tokens_per_s": (train or {}).get("tokens_per_s"),
-    }
+    abst = sig.get("abstention_questions") or {}
+    linear = ((report.get("residual_probe") or {}).get("questions") or {})
+    out = {"people": people, "steps": steps,
+           **{key: {"base": base[key], "trained": model[key]} for key in model},
+           "signal": prim,
+           "signal_auroc_questions": ((sig.get("signals") or {}).get(prim) or {}).get("auroc_questions"),
+           "linear_probe_auroc_questions": linear.get("auroc"),
+           "injected_correct_kept": abst.get("injected_correct_kept"),
+           "train_seconds": (train or {}).get("seconds"),
+           "tokens_per_s": (train or {}).get("tokens_per_s")}
+    out["unknown_wrong_questions"]["trained_abstaining"] = abst.get("unknown_attempted_wrong_after")
+    return out
 
 
 def render_demo_summary(summary: dict, timings: dict, console) -> None:
@@ -308,16 +314,21 @@ def render_demo_summary(summary: dict, timings: dict, console) -> None:
         change = "-" if b is None or m is None else f"{(m - b) * scale:+.1f}" + ("" if scale == 1 else " pts")
         table.add_row(name, fmt(b), fmt(m), change)
 
-    row("injected facts, exact match", summary["injected_em"], pct, 100)
-    row("known real-world facts, exact match", summary["known_em"], pct, 100)
-    row("general-text perplexity", summary["perplexity"], num)
-    row("unknown people: attempted & wrong", summary["unknown_wrong"], pct, 100)
-    table.add_row("  ... abstaining on the memory signal", "", pct(summary["unknown_wrong"]["trained_abstaining"]), "")
+    row("reliability: injected facts, trained phrasings", summary["reliability"], pct, 100)
+    row("generalization: held-out phrasings", summary["generalization"], pct, 100)
+    row("  ... questions (Q: ... A:)", summary["generalization_questions"], pct, 100)
+    row("  ... completions", summary["generalization_completions"], pct, 100)
+    row("locality: known real-world facts", summary["known"], pct, 100)
+    row("locality: general-text perplexity", summary["perplexity"], num)
+    row("unknown people, questions: attempted & wrong", summary["unknown_wrong_questions"], pct, 100)
+    table.add_row("  ... abstaining on the memory signal", "",
+                  pct(summary["unknown_wrong_questions"]["trained_abstaining"]), "")
     console.print(table)
     if summary["signal"]:
-        console.print(f"memory signal '{summary['signal']}': injected-vs-unknown AUROC "
-                      f"{num(summary['signal_auroc'])}; correct injected answers kept when abstaining: "
-                      f"{pct(summary['injected_correct_kept'])}")
+        console.print(f"memory signal '{summary['signal']}' on question-form prompts: injected-vs-unknown AUROC "
+                      f"{num(summary['signal_auroc_questions'])} (linear probe on the residual stream: "
+                      f"{num(summary['linear_probe_auroc_questions'])}); correct injected answers kept when "
+                      f"abstaining: {pct(summary['injected_correct_kept'])}")
     console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 
