@@ -69,7 +69,7 @@ def main() -> None:
     args = ap.parse_args()
 
     if args.gguf is None:
-        from memsurgery.fetch import fetch_demo_checkpoint
+        from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         args.gguf = fetch_demo_checkpoint(log=lambda m: None)
     results = {}

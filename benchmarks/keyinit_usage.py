@@ -25,16 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import resource
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from _common import load_model, peak_rss_gb
 
 from memsurgery.graft.calibration import (
     builtin_corpus,
@@ -44,6 +39,7 @@ from memsurgery.graft.calibration import (
 from memsurgery.graft.keyinit import init_memory_keys, measure_usage
 from memsurgery.memory import MemoryConfig, ProductKeyMemory, SharedValueTable
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF = Path.home() / ".cache/memsurgery/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # name -> (query method, key method, extra init options)
@@ -88,29 +84,11 @@ class Timer:
         self.timings[f"{self.name}_cpu_s"] = time.process_time() - self.cpu
 
 
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2  # ru_maxrss is KiB on Linux
-
-
 def build_layer(cfg: MemoryConfig, seed: int) -> ProductKeyMemory:
     """A layer with the reference init of `seed` and a value table on the meta device."""
     values = SharedValueTable(cfg.slots, cfg.value_dim, device="meta")  # no 1M x d allocation
     torch.manual_seed(seed)
     return ProductKeyMemory(cfg, values)
-
-
-def load_model(args):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = Path(args.model)
-    if path.suffix == ".gguf":
-        kw = {"gguf_file": path.name}
-        path = path.parent
-    else:
-        kw = {}
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kw).eval()
-    tok = AutoTokenizer.from_pretrained(path, **kw)
-    return model, tok
 
 
 def capture(args, timings: dict) -> tuple[dict, dict, int]:
@@ -133,7 +111,7 @@ def capture(args, timings: dict) -> tuple[dict, dict, int]:
         del blob
 
     with Timer(timings, "model_load"):
-        model, tok = load_model(args)
+        model, tok = load_model(args.model)
     with Timer(timings, "tokenize"):
         calib_ids, held_ids = calibration_split(
             tok, builtin_corpus(), args.calib_tokens, args.heldout_tokens, args.seq_len, args.seed

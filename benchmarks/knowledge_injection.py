@@ -6,9 +6,9 @@
         --base demo-out/smollm2-135m
     python benchmarks/knowledge_injection.py --tiny --out /tmp/ki-tiny      # structure check, seconds
 
-The same fictional people (`builtin:people-qa?n=N&seed=S&paraphrases=P`), the same
-base checkpoint and the same token budget (steps x sequences per step x seq_len)
-for each method:
+The same fictional people (`builtin:people?n=N&seed=S`, six facts each, rendered into
+the same training views by `data.format: facts`), the same base checkpoint and the
+same token budget (steps x sequences per step x seq_len) for each method:
 
     memory          parallel graft, memory-only training   recipes/knowledge-injection.yaml
     sparse_memory   parallel graft, TF-IDF top-t value rows recipes/sparse-memory-finetune.yaml
@@ -20,7 +20,10 @@ shape are overridden; every other setting comes from the recipe files, so tuning
 a recipe tunes the benchmark. The base model is probed once (the untrained
 parallel graft has a zero value table and computes exactly the base function, so
 it is the "before" of every method); each trained model is probed on the same
-items. Outputs in --out: results.json, results.md, learning_vs_forgetting.svg,
+items: reliability (trained phrasings), generalization (held-out phrasings and
+questions, never in any training text), locality (known facts, perplexity), and
+unknown people asked in held-out phrasings, with the memory signal and a linear
+probe on the residual stream as known-vs-unknown detectors on question-form prompts. Outputs in --out: results.json, results.md, learning_vs_forgetting.svg,
 and per method <method>/train (the run directory) and <method>/probe (the full
 probe report). Finished stages whose inputs are unchanged are reused (--fresh
 redoes everything). Metrics are defined in docs/probe.md; docs/benchmarks.md
@@ -50,9 +53,6 @@ import torch
 torch.set_num_threads(int(os.environ.get("MEMSURGERY_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 RECIPES = ROOT / "recipes"
 # method -> (recipe file, trains the grafted model)
 METHODS: dict[str, tuple[str, bool]] = {
@@ -178,11 +178,11 @@ def resolve_base(args, cache: Path) -> Path:
     elif args.tiny:
         return build_tiny_base(cache / "tiny-llama")
     else:
-        from memsurgery.fetch import fetch_demo_checkpoint
+        from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         src = fetch_demo_checkpoint(log=log)
-    from memsurgery.convert import convert_checkpoint
-    from memsurgery.fetch import sha256_file
+    from memsurgery._hashing import sha256_file
+    from memsurgery.checkpoint.convert import convert_checkpoint
 
     digest = sha256_file(src)
     out = cache / f"base-{digest[:12]}"
@@ -263,11 +263,16 @@ def given_graft(graft_dir: Path, base: Path) -> Path:
 
 
 def fact_specs(args) -> tuple[str, str, list[str]]:
-    """(training data spec, people probe spec, probe fact sets). World items are cut to --world-limit."""
-    # QA pairs (answer-only loss in every shipped recipe): the same facts the probe asks.
-    train_spec = f"builtin:people-qa?n={args.people}&seed={args.seed}&paraphrases={args.paraphrases}"
-    probe_people = (f"builtin:people?n={args.people}&seed={args.seed}&unknown={args.unknown}"
-                    f"&paraphrases={args.paraphrases}")
+    """(training data spec, people probe spec, probe fact sets). World items are cut to --world-limit.
+
+    Every method trains on the same structured facts (`data.format: facts` in the shipped
+    recipes renders their training views); the probe asks each injected fact in
+    `--probe-trained` trained and `--probe-heldout` held-out phrasings (rotating over the
+    templates), and each unknown person's facts in `--probe-unknown` held-out phrasings."""
+    train_spec = f"builtin:people?n={args.people}&seed={args.seed}"
+    probe_people = (f"builtin:people?n={args.people}&seed={args.seed}&unknown={args.unknown}&phrasings=views"
+                    f"&train_per_fact={args.probe_trained}&heldout_per_fact={args.probe_heldout}"
+                    f"&unknown_per_fact={args.probe_unknown}")
     world = f"builtin:world?limit={args.world_limit}" if args.world_limit else "builtin:world"
     return train_spec, probe_people, [probe_people, world]
 
@@ -284,37 +289,42 @@ def probe(model_dir: Path, facts: list[str], out: Path, args, key: str) -> dict:
         log(f"probe: reusing {out}")
         return json.loads((out / "report.json").read_text(encoding="utf-8"))
     report = run_probe(model_dir, facts=facts, out=out, force=True, ppl_tokens=args.ppl_tokens,
-                       batch_size=args.probe_batch, log=lambda m: log(f"  probe: {m}"))
+                       batch_size=args.probe_batch, residual_layer=args.residual_layer,
+                       log=lambda m: log(f"  probe: {m}"))
     # stage.json sits beside the report (the probe writes its directory atomically first).
     _write_json(out / "stage.json", {"key": key})
     return report
 
 
-def kind_em(report: dict, kind: str) -> float | None:
-    """Exact match on one kind over every template used (weighted by item count)."""
-    n = tot = 0
-    for summ in report["summary"].values():
-        m = summ["kinds"].get(kind)
-        if m and m["n"] and m["exact_match"] is not None:
-            n += m["n"]
-            tot += m["exact_match"] * m["n"]
-    return tot / n if n else None
+def _em(d: dict | None) -> float | None:
+    return None if not d else d.get("exact_match")
 
 
 def probe_metrics(report: dict) -> dict:
-    h = report.get("hallucination") or {}
-    ret = report.get("retention") or {}
-    out = {"injected_em": kind_em(report, "injected"), "known_em": kind_em(report, "known"),
-           "unknown_em": kind_em(report, "unknown"),
-           "perplexity": ret.get("perplexity"), "unknown_attempted_wrong": h.get("incorrect"),
-           "unknown_attempted": h.get("attempted"), "memory_signal": None, "abstention": None}
+    """The knowledge triple, unknown-entity hallucination and both known-vs-unknown detectors."""
+    k = report["knowledge"]
+    gen = k.get("generalization") or {}
+    hal = k["hallucination"]
+    out = {"reliability": _em(k.get("reliability")), "generalization": _em(gen),
+           "generalization_questions": _em(gen.get("questions")),
+           "generalization_completions": _em(gen.get("completions")),
+           "generalization_by_phrasing": {n: _em(d) for n, d in (gen.get("by_phrasing") or {}).items()},
+           "known_em": _em(k["locality"]["known"]), "perplexity": k["locality"]["perplexity"],
+           "unknown_attempted_wrong": hal["attempted_wrong"],
+           "unknown_attempted_wrong_questions": hal["attempted_wrong_questions"],
+           "memory_signal": None, "abstention": None, "linear_probe": None}
     sig = report.get("signals")
     if sig:
-        aurocs = {name: s["auroc_injected_vs_unknown"] for name, s in sig["signals"].items()}
-        best = max((kv for kv in aurocs.items() if kv[1] is not None), key=lambda kv: kv[1], default=(None, None))
-        out["memory_signal"] = {"name": sig["primary"], "auroc": aurocs.get(sig["primary"]),
-                                "best_name": best[0], "best_auroc": best[1], "all_auroc": aurocs}
-        out["abstention"] = sig.get("abstention")
+        primary = sig["signals"].get(sig["primary"], {})
+        out["memory_signal"] = {"name": sig["primary"], "auroc": primary.get("auroc_injected_vs_unknown"),
+                                "auroc_questions": primary.get("auroc_questions"),
+                                "all_auroc_questions": {n: v.get("auroc_questions") for n, v in sig["signals"].items()}}
+        out["abstention"] = sig.get("abstention_questions")
+    rp = report.get("residual_probe")
+    if rp and rp.get("questions"):
+        q = rp["questions"]
+        out["linear_probe"] = {"layer": rp["layer"], "auroc_questions": q.get("auroc"),
+                               "auroc": (rp.get("all") or {}).get("auroc"), "abstention": q.get("abstention")}
     return out
 
 
@@ -416,29 +426,30 @@ def write_markdown(path: Path, res: dict) -> None:
         + (f", GPU {m['gpu']}" if m["gpu"] else ""),
         f"- base: `{res['base_model']}`" + (f"; memory methods: parallel graft `{res['graft_model']}`"
                                              if res.get("graft_model") else ""),
-        f"- facts: {s['people']} injected people x 6 attributes ({s['paraphrases']} paraphrased biographies "
-        f"each), {s['unknown']} unknown look-alikes, {base['n_known']} `builtin:world` known facts; "
-        f"held-out perplexity on {s['ppl_tokens']} tokens",
+        f"- facts: {s['people']} injected people x 6 attributes = {6 * s['people']} facts, {s['unknown']} unknown "
+        f"look-alikes, {base['n_known']} `builtin:world` known facts; held-out perplexity on {s['ppl_tokens']} tokens",
+        f"- probe phrasings per fact: {s['probe_trained']} trained (reliability), {s['probe_heldout']} held out "
+        f"(generalization; questions asked as `Q: ...\\nA:`), {s['probe_unknown']} held out per unknown fact",
         f"- budget per method: {s['steps']} steps x {s['sequences_per_step']} sequences x {s['seq_len']} "
         f"tokens = {s['token_budget']:,} tokens max (non-pad tokens actually trained: column `tokens`)",
         *(["- per-method recipe overrides: "
            + "; ".join(f"{k}: {', '.join(v)}" for k, v in s["method_overrides"].items())]
           if s.get("method_overrides") else []),
-        f"- before (base model): injected EM {_pct(base['injected_em'])}, known EM {_pct(base['known_em'])}, "
-        f"perplexity {_num(base['perplexity'])}, unknown attempted-wrong {_pct(base['unknown_attempted_wrong'])}",
+        f"- before (base model): reliability {_pct(base['reliability'])}, generalization "
+        f"{_pct(base['generalization'])}, known EM {_pct(base['known_em'])}, perplexity {_num(base['perplexity'])}, "
+        f"unknown attempted-wrong on questions {_pct(base['unknown_attempted_wrong_questions'])}",
         "",
-        "| method | trainable params | injected EM | known EM before → after (Δ pts) | perplexity before → after (Δ) "
-        "| unknown attempted-wrong before → after | memory signal AUROC (inj. vs unk.) "
-        "| abstaining: unknown attempted-wrong / correct injected kept | train s (loop / stage) | tokens | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | trainable params | reliability | generalization (questions / completions) "
+        "| known EM before → after (Δ pts) | perplexity before → after (Δ) "
+        "| unknown, questions: attempted-wrong before → after | detector AUROC on questions: memory signal / linear probe "
+        "| abstaining on questions (memory signal): attempted-wrong / correct kept | train s (loop / stage) "
+        "| tokens | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in res["methods"].items():
-        k, p, h = r["known_em"], r["perplexity"], r["unknown_attempted_wrong"]
-        sig = r["memory_signal"]
-        sig_txt = "–" if not sig else f"{_num(sig['auroc'])} ({sig['name']})"
-        if sig and sig.get("best_name") and sig["best_name"] != sig["name"]:
-            # picked after the fact among ~20 signals: optimistic, shown for diagnosis only
-            sig_txt += f"; best {_num(sig['best_auroc'])} ({sig['best_name']})"
+        k, p, h = r["known_em"], r["perplexity"], r["unknown_attempted_wrong_questions"]
+        sig, lin = r["memory_signal"], r["linear_probe"]
+        det = f"{_num(sig['auroc_questions']) if sig else '–'} / {_num(lin['auroc_questions']) if lin else '–'}"
         ab = r["abstention"]
         if ab and ab.get("threshold") is not None:
             ab_txt = f"{_pct(ab['unknown_attempted_wrong_after'])} / {_pct(ab['injected_correct_kept'])}"
@@ -446,12 +457,15 @@ def write_markdown(path: Path, res: dict) -> None:
             ab_txt = "n/a: " + ab.get("note", "")
         else:
             ab_txt = "–"
+        g = r["generalization"]
         dk = "–" if k["delta"] is None else f"{100 * k['delta']:+.1f}"
         dp = "–" if p["rel_change"] is None else f"{100 * p['rel_change']:+.1f}%"
         lines.append(
-            f"| {name} | {r['trainable_params']:,} | {_pct(r['injected_em']['after'])} "
+            f"| {name} | {r['trainable_params']:,} | {_pct(r['reliability']['after'])} "
+            f"| **{_pct(g['after'])}** ({_pct(r['generalization_questions']['after'])} / "
+            f"{_pct(r['generalization_completions']['after'])}) "
             f"| {_pct(k['before'])} → {_pct(k['after'])} ({dk}) | {_num(p['before'])} → {_num(p['after'])} ({dp}) "
-            f"| {_pct(h['before'])} → {_pct(h['after'])} | {sig_txt} | {ab_txt} "
+            f"| {_pct(h['before'])} → {_pct(h['after'])} | {det} | {ab_txt} "
             f"| {_num(r['train_seconds'], '{:.0f}')} / {_num(r.get('train_wall_seconds'), '{:.0f}')} "
             f"| {r['tokens']:,} | {_num(r['tokens_per_s'], '{:.1f}')} |")
     lines += ["", "Stage wall times (s; a stage reused from an earlier run shows about 0): "
@@ -470,7 +484,7 @@ def learning_vs_forgetting_svg(res: dict) -> str:
     Right: relative perplexity change per method."""
     from memsurgery.probe.svg import PALETTE
 
-    pts = [(name, r["injected_em"]["after"], r["known_em"]["delta"], r["perplexity"]["rel_change"])
+    pts = [(name, r["generalization"]["after"], r["known_em"]["delta"], r["perplexity"]["rel_change"])
            for name, r in res["methods"].items()]
     W, H, pad = 420, 320, 50
     inner_w, inner_h = W - pad - 20, H - 2 * pad
@@ -486,8 +500,8 @@ def learning_vs_forgetting_svg(res: dict) -> str:
            f'<rect x="{pad}" y="{pad}" width="{inner_w}" height="{inner_h}" fill="none" stroke="#333"/>',
            f'<line x1="{pad}" y1="{sy(0):.1f}" x2="{pad + inner_w}" y2="{sy(0):.1f}" stroke="#aaa" '
            f'stroke-dasharray="4"/>',
-           f'<text x="{pad + inner_w / 2}" y="{H - 12}" font-size="11" text-anchor="middle">injected-fact exact '
-           f'match</text>',
+           f'<text x="{pad + inner_w / 2}" y="{H - 12}" font-size="11" text-anchor="middle">generalization: '
+           f'injected facts, held-out phrasings</text>',
            f'<text x="14" y="{pad + inner_h / 2}" font-size="11" text-anchor="middle" '
            f'transform="rotate(-90 14 {pad + inner_h / 2})">known-fact accuracy change (points)</text>']
     for t in (0, 0.25, 0.5, 0.75, 1):
@@ -508,7 +522,7 @@ def learning_vs_forgetting_svg(res: dict) -> str:
             ly += 12
         placed.append((cx, ly))
         out.append(f'<circle cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{color}" fill-opacity="0.8"><title>'
-                   f'{escape(name)}: injected EM {100 * x:.1f}%, known {100 * d:+.1f} pts</title></circle>'
+                   f'{escape(name)}: generalization {100 * x:.1f}%, known {100 * d:+.1f} pts</title></circle>'
                    f'<text x="{cx + 9:.1f}" y="{ly:.1f}" font-size="11" fill="{color}">{escape(name)}</text>')
     # right panel: perplexity change, one bar per method around a zero line
     x0 = W + 20
@@ -550,16 +564,19 @@ def method_result(method: str, model_dir: Path, summary: dict, rep: dict, base: 
     ppl = ba("perplexity")
     ppl["rel_change"] = (ppl["after"] / ppl["before"] - 1) if ppl["before"] and ppl["after"] is not None else None
     ab = after["abstention"]
+    before_wrong = base["unknown_attempted_wrong_questions"]
     if ab and ab.get("threshold") is not None:
-        before_wrong = base["unknown_attempted_wrong"]
         ab = dict(ab, base_unknown_attempted_wrong=before_wrong,
                   reduction_vs_base=(1 - ab["unknown_attempted_wrong_after"] / before_wrong) if before_wrong else None)
     return {
         "recipe": f"recipes/{METHODS[method][0]}",
         "trained_from": str(model_dir),
-        "injected_em": ba("injected_em"), "known_em": ba("known_em"), "perplexity": ppl,
-        "unknown_attempted_wrong": ba("unknown_attempted_wrong"),
-        "memory_signal": after["memory_signal"], "abstention": ab,
+        **{key: ba(key) for key in ("reliability", "generalization", "generalization_questions",
+                                    "generalization_completions", "known_em", "unknown_attempted_wrong",
+                                    "unknown_attempted_wrong_questions")},
+        "perplexity": ppl,
+        "generalization_by_phrasing": after["generalization_by_phrasing"],
+        "memory_signal": after["memory_signal"], "abstention": ab, "linear_probe": after["linear_probe"],
         "trainable_params": summary["trainable_params"], "train_seconds": summary["seconds"],
         "train_wall_seconds": summary.get("wall_seconds"),
         "probe_seconds": probe_s, "tokens": summary["tokens"], "tokens_per_s": summary["tokens_per_s"],
@@ -576,7 +593,12 @@ def parse_args(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--people", type=int, default=30, help="injected people (6 facts each; the demo size)")
     ap.add_argument("--unknown", type=int, default=None, help="never-trained look-alikes (default: --people)")
-    ap.add_argument("--paraphrases", type=int, default=3, help="biographies per person in the training data")
+    ap.add_argument("--probe-trained", type=int, default=1, help="trained phrasings asked per injected fact")
+    ap.add_argument("--probe-heldout", type=int, default=5,
+                    help="held-out phrasings asked per injected fact (5 = all of the builtin templates)")
+    ap.add_argument("--probe-unknown", type=int, default=2, help="held-out phrasings asked per unknown fact")
+    ap.add_argument("--residual-layer", type=int, default=None,
+                    help="decoder layer of the linear probe (default: the graft's first memory layer)")
     ap.add_argument("--steps", type=int, default=200, help="optimizer steps per method (same for all; the demo size)")
     ap.add_argument("--out", required=True, type=Path, help="results directory")
     ap.add_argument("--base", help="dense HF directory or .gguf (default: the demo SmolLM2-135M)")
@@ -588,7 +610,7 @@ def parse_args(argv=None):
     ap.add_argument("--ppl-tokens", type=int, default=None, help="held-out perplexity tokens (default 4096)")
     ap.add_argument("--batch-size", type=int, default=None, help="override the shared batch size")
     ap.add_argument("--seq-len", type=int, default=None, help="override the shared sequence length")
-    ap.add_argument("--probe-batch", type=int, default=16, help="prompts per probe batch")
+    ap.add_argument("--probe-batch", type=int, default=64, help="prompts per probe batch")
     ap.add_argument("--seed", type=int, default=1,
                     help="people generator seed (default 1: seed 0 chose the recipe settings, docs/results.md)")
     ap.add_argument("--tiny", action="store_true",
@@ -612,9 +634,9 @@ def parse_args(argv=None):
         args.unknown = args.people
     if args.ppl_tokens is None:
         args.ppl_tokens = TINY_PPL_TOKENS if args.tiny else 4096
-    for name in ("people", "steps", "paraphrases"):
+    for name in ("people", "steps", "probe_trained", "probe_heldout"):
         if getattr(args, name) < 1:
-            ap.error(f"--{name} must be at least 1")
+            ap.error(f"--{name.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -643,13 +665,15 @@ def main(argv=None) -> dict:
             graft_dir = resolve_graft(base, graft_plan(args), cache, args.fresh)
         done()
 
+    if args.residual_layer is None:  # the linear probe reads where the memory methods' first memory layer is
+        args.residual_layer = min((_graft_report_plan(graft_dir) or graft_plan(args))["layers"])
     train_spec, _, facts = fact_specs(args)
     shape = batch_shape(args)
     per_step = shape["train.batch_size"] * shape["train.grad_accum"]
 
     done = stage("probe base")
     probe_key = _key({"facts": facts, "world": Path(facts[1]).read_text() if Path(facts[1]).is_file() else None,
-                      "ppl_tokens": args.ppl_tokens, "batch": args.probe_batch})
+                      "ppl_tokens": args.ppl_tokens, "batch": args.probe_batch, "residual": args.residual_layer})
     base_key = _key({"model": _fingerprint(base), "probe": probe_key})
     base_rep = probe(base, facts, out / "base" / "probe", args, base_key)
     base_m = probe_metrics(base_rep)
@@ -671,7 +695,8 @@ def main(argv=None) -> dict:
         results[method] = method_result(method, model_dir, summary, rep, base_m, round(time.perf_counter() - t, 1),
                                         out)
         r = results[method]
-        log(f"{method}: injected EM {_pct(r['injected_em']['after'])}, known {_pct(r['known_em']['before'])} -> "
+        log(f"{method}: reliability {_pct(r['reliability']['after'])}, generalization "
+            f"{_pct(r['generalization']['after'])}, known {_pct(r['known_em']['before'])} -> "
             f"{_pct(r['known_em']['after'])}, ppl {_num(r['perplexity']['before'])} -> "
             f"{_num(r['perplexity']['after'])}")
 
@@ -681,7 +706,8 @@ def main(argv=None) -> dict:
         "machine": _machine(),
         "base_model": str(base), "graft_model": str(graft_dir) if graft_dir else None,
         "graft_plan": _graft_report_plan(graft_dir),
-        "settings": {"people": args.people, "unknown": args.unknown, "paraphrases": args.paraphrases,
+        "settings": {"people": args.people, "unknown": args.unknown, "probe_trained": args.probe_trained,
+                     "probe_heldout": args.probe_heldout, "probe_unknown": args.probe_unknown,
                      "seed": args.seed, "steps": args.steps, "sequences_per_step": per_step,
                      "seq_len": shape["data.seq_len"], "token_budget": args.steps * per_step * shape["data.seq_len"],
                      "world_limit": args.world_limit, "ppl_tokens": args.ppl_tokens, "tiny": args.tiny,

@@ -36,52 +36,30 @@ import argparse
 import json
 import math
 import platform
-import resource
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import load_model, log, peak_rss_gb
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
 from memsurgery.arch import spec_for_config
+from memsurgery.export.hf import is_grafted_model, memory_layers
 from memsurgery.graft.calibration import (
     builtin_corpus,
     calibration_split,
     capture_mlp_inputs,
 )
-from memsurgery.graft.distill import DEFAULTS, distill_memories
-from memsurgery.graft.hf import graft_model, is_grafted_model, memory_layers
 from memsurgery.graft.keyinit import init_memory_keys
+from memsurgery.graft.surgery import graft_model
 from memsurgery.memory import MemoryConfig
+from memsurgery.train.distill import DEFAULTS, distill_memories
 
+REPO = Path(__file__).resolve().parents[1]
 DEFAULT_GGUF = Path.home() / ".cache/memsurgery/smollm2-135m/SmolLM2-135M-Instruct.Q4_1.gguf"
 VARIANTS = ("removed", "random", "smoother", "closed_form", "distill")
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
-def load_model(path: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = Path(path)
-    kw = {}
-    if p.suffix == ".gguf":
-        kw, p = {"gguf_file": p.name}, p.parent
-    model = AutoModelForCausalLM.from_pretrained(p, dtype=torch.float32, **kw).eval()
-    return model, AutoTokenizer.from_pretrained(p, **kw)
 
 
 # ------------------------------------------------------------------ residual-stream tricks

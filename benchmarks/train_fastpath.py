@@ -28,9 +28,6 @@ import torch
 torch.set_num_threads(int(os.environ.get("MEMSURGERY_THREADS", "1")))
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 RECIPES = ROOT / "recipes"
 # (name, recipe, method needs a graft, logits at targets, prefix cache)
 VARIANTS = [
@@ -82,7 +79,11 @@ def main(argv=None) -> dict:
     base, graft = Path(args.base), Path(args.graft)
     extra: list[str] = ["log.progress=off", "eval.probe=null"]
     if args.tiny:
-        from benchmarks.knowledge_injection import TINY_TRAIN_OVERRIDES, build_tiny_base
+        from knowledge_injection import (  # this folder's sibling script
+            TINY_TRAIN_OVERRIDES,
+            build_tiny_base,
+        )
+
         from memsurgery.graft import graft as do_graft
 
         base = build_tiny_base(out / "tiny-base")

@@ -56,6 +56,14 @@ def atomic_output_dir(out: Path, force: bool = False) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def publish_modes(root: Path) -> None:
+    """Ordinary permissions (0644 files, 0755 dirs, minus the umask) for everything under `root`:
+    temp files are created 0600/0700."""
+    mask = _umask()
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o755 if p.is_dir() else 0o644) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_file(path: Path, mode: str = "wb") -> Iterator:
     """Open a temporary sibling of `path`; rename over `path` on success."""

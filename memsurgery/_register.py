@@ -26,7 +26,7 @@ def _register() -> None:
         return
     _state["registered"] = True
     try:
-        from memsurgery.graft.hf import register_all
+        from memsurgery.export.hf import register_all
 
         register_all()
     except Exception as err:  # never break the user's model loading

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from memsurgery.errors import InputError, RuntimeFailure
-from memsurgery.fetch import DEMO_SHA256, fetch_demo_checkpoint
+from memsurgery.checkpoint.fetch import DEMO_SHA256, fetch_demo_checkpoint
 
 
 def _converted_matches(out_dir: Path) -> bool:
@@ -33,15 +34,11 @@ def _converted_matches(out_dir: Path) -> bool:
 STAGES = ("fetch", "convert", "inspect", "graft", "train", "probe", "export")
 
 
-def _stage(console, i: int, name: str) -> None:
-    console.rule(f"[bold]{i}/{len(STAGES)} {name}[/]")
-
-
 def run_demo(out: Path, console, json_out: bool = False, *, people: int | None = None,
              steps: int | None = None, world_limit: int | None = None) -> dict:
+    """Every stage in order (reusing finished ones), the summary table, demo-summary.json."""
     from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.convert import convert_checkpoint
-    from memsurgery.inspection import GraftProposal, inspect_checkpoint, render_inspect
+    from memsurgery.inspection import inspect_checkpoint, render_inspect
 
     people = DEMO_PEOPLE if people is None else people
     steps = DEMO_STEPS if steps is None else steps
@@ -51,103 +48,31 @@ def run_demo(out: Path, console, json_out: bool = False, *, people: int | None =
             raise InputError(f"{flag} {v}: must be at least 1")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    hf_dir, graft_dir, run_dir = out / "smollm2-135m", out / "smollm2-135m-memory", out / "train-run"
+    probe_dir, export_dir = out / "probe", out / "smollm2-135m-people"
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
 
-    _stage(console, 1, "fetch")
-    t = time.perf_counter()
-    gguf = fetch_demo_checkpoint(log=console.print)
-    timings["fetch"] = time.perf_counter() - t
-
-    _stage(console, 2, "convert")
-    hf_dir = out / "smollm2-135m"
-    t = time.perf_counter()
-    if _converted_matches(hf_dir):
-        console.print(f"reusing {hf_dir} (already converted from the same GGUF, SHA-256 matches)")
-    else:
-        report = convert_checkpoint(gguf, hf_dir, force=True, log=console.print)
-        console.print(f"converted in {report['total_seconds']} s -> {hf_dir}")
-    timings["convert"] = time.perf_counter() - t
-
-    _stage(console, 3, "inspect")
-    t = time.perf_counter()
-    # The estimate is for the memory the next stage grafts.
-    proposal = GraftProposal(slots=DEMO_GRAFT["slots"], heads=DEMO_GRAFT["heads"], knn=DEMO_GRAFT["knn"],
-                             k_dim=DEMO_GRAFT["k_dim"], layers=DEMO_GRAFT["layers"])
-    report = inspect_checkpoint(open_checkpoint(hf_dir), proposal)
-    timings["inspect"] = time.perf_counter() - t
+    with _stage(console, timings, "fetch"):
+        gguf = fetch_demo_checkpoint(log=console.print)
+    with _stage(console, timings, "convert"):
+        _convert(gguf, hf_dir, console)
+    with _stage(console, timings, "inspect"):
+        report = inspect_checkpoint(open_checkpoint(hf_dir), _demo_proposal())
     if json_out:
         console.print_json(json.dumps(report, default=str))
     else:
         render_inspect(report, console)
-
-    _stage(console, 4, "graft")
-    t = time.perf_counter()
-    graft_dir = out / "smollm2-135m-memory"
-    graft_json = graft_dir / "graft.json"
-    if _graft_matches(graft_json, hf_dir, DEMO_GRAFT):
-        console.print(f"reusing {graft_dir} (grafted earlier from the same weights with the same plan)")
-        graft_report = json.loads(graft_json.read_text())
-    else:
-        from memsurgery.graft import graft
-
-        _, graft_report = graft(hf_dir, graft_dir, force=True, log=console.print, **DEMO_GRAFT)
-    timings["graft"] = time.perf_counter() - t
+    with _stage(console, timings, "graft"):
+        graft_report = _graft(hf_dir, graft_dir, console)
     _render_graft_summary(graft_report, console)
-
-    # ---- train: the knowledge-injection recipe on fictional people
-    _stage(console, 5, "train")
-    t = time.perf_counter()
-    people_spec = f"builtin:people-qa?n={people}&seed={DEMO_PEOPLE_SEED}&paraphrases={DEMO_PARAPHRASES}"
-    run_dir = out / "train-run"
-    recipe_path = _recipe("knowledge-injection.yaml")
-    overrides = [f"model={graft_dir.absolute()}", f"output_dir={run_dir.absolute()}",
-                 f"data.train={people_spec}", f"train.steps={steps}", *DEMO_TRAIN_OVERRIDES]
-    train_key = _fingerprint(recipe_path.read_text(), overrides, graft_json.read_text())
-    train_summary = _reuse(run_dir, train_key)
-    if train_summary is not None and (run_dir / "final" / "config.json").is_file():
-        console.print(f"reusing {run_dir} (trained earlier with the same recipe, data and graft)")
-    else:
-        from memsurgery.train import run as train_run
-
-        _clear(run_dir)
-        console.print(f"recipe {recipe_path} with " + " ".join(f"--set {o}" for o in overrides))
-        train_summary = train_run(recipe_path, overrides, log=console.print)
-        _done(run_dir, train_key, train_summary)
-    timings["train"] = time.perf_counter() - t
-    final_dir = run_dir / "final"
-
-    # ---- probe: base vs trained, injected / unknown people, real-world facts, perplexity
-    _stage(console, 6, "probe")
-    t = time.perf_counter()
-    probe_dir = out / "probe"
-    facts = [f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}&unknown={people}&paraphrases={DEMO_PARAPHRASES}",
-             f"builtin:world?limit={world_limit}"]
-    probe_key = _fingerprint(train_key, facts, _world_sha(), DEMO_PROBE)
-    probe_report = _reuse(probe_dir, probe_key, "report.json")
-    if probe_report is not None:
-        console.print(f"reusing {probe_dir} (probed earlier: same trained model and fact sets)")
-    else:
-        from memsurgery.probe.api import run_probe
-
-        probe_report = run_probe(final_dir, facts=facts, baseline=hf_dir, out=probe_dir, force=True,
-                                 log=console.print, **DEMO_PROBE)
-        _done(probe_dir, probe_key, None)
-    timings["probe"] = time.perf_counter() - t
-
-    # ---- export: the merged checkpoint with its reports
-    _stage(console, 7, "export")
-    t = time.perf_counter()
-    export_dir = out / "smollm2-135m-people"
-    export_key = _fingerprint(probe_key)
-    if _reuse(export_dir, export_key, "export.json") is not None:
-        console.print(f"reusing {export_dir} (exported earlier from the same run and report)")
-    else:
-        from memsurgery.export import export
-
-        export(run_dir, export_dir, probe_reports=[probe_dir], force=True, log=console.print)
-        _done(export_dir, export_key, None)
-    timings["export"] = time.perf_counter() - t
+    with _stage(console, timings, "train"):  # the knowledge-injection recipe on fictional people
+        train_key, train_summary = _train(graft_dir, run_dir, people, steps, console)
+    with _stage(console, timings, "probe"):  # base vs trained: injected, unknown, real-world facts
+        probe_key, probe_report = _probe(run_dir / "final", hf_dir, probe_dir, train_key, people, world_limit,
+                                         console)
+    with _stage(console, timings, "export"):  # the merged checkpoint with its reports
+        _export(run_dir, export_dir, probe_dir, probe_key, console)
     timings["total"] = time.perf_counter() - t_all
 
     summary = summarize_demo(probe_report, train_summary, people=people, steps=steps)
@@ -161,6 +86,95 @@ def run_demo(out: Path, console, json_out: bool = False, *, people: int | None =
                                                        ("summary", "timings", "probe_dir", "export_dir")},
                                                       indent=2, default=str) + "\n")
     return result
+
+
+@contextmanager
+def _stage(console, timings: dict[str, float], name: str):
+    """A stage's rule on screen ("4/7 graft"); the seconds its block takes as timings[name]."""
+    console.rule(f"[bold]{STAGES.index(name) + 1}/{len(STAGES)} {name}[/]")
+    t = time.perf_counter()
+    yield
+    timings[name] = time.perf_counter() - t
+
+
+def _convert(gguf: Path, hf_dir: Path, console) -> None:
+    from memsurgery.checkpoint.convert import convert_checkpoint
+
+    if _converted_matches(hf_dir):
+        console.print(f"reusing {hf_dir} (already converted from the same GGUF, SHA-256 matches)")
+    else:
+        report = convert_checkpoint(gguf, hf_dir, force=True, log=console.print)
+        console.print(f"converted in {report['total_seconds']} s -> {hf_dir}")
+
+
+def _demo_proposal():
+    """The inspect estimate is for the memory the graft stage grafts."""
+    from memsurgery.inspection import GraftProposal
+
+    return GraftProposal(slots=DEMO_GRAFT["slots"], heads=DEMO_GRAFT["heads"], knn=DEMO_GRAFT["knn"],
+                         k_dim=DEMO_GRAFT["k_dim"], layers=DEMO_GRAFT["layers"])
+
+
+def _graft(hf_dir: Path, graft_dir: Path, console) -> dict:
+    graft_json = graft_dir / "graft.json"
+    if _graft_matches(graft_json, hf_dir, DEMO_GRAFT):
+        console.print(f"reusing {graft_dir} (grafted earlier from the same weights with the same plan)")
+        return json.loads(graft_json.read_text())
+    from memsurgery.graft import graft
+
+    _, graft_report = graft(hf_dir, graft_dir, force=True, log=console.print, **DEMO_GRAFT)
+    return graft_report
+
+
+def _train(graft_dir: Path, run_dir: Path, people: int, steps: int, console) -> tuple[str, dict]:
+    """(the stage's fingerprint, the training summary)."""
+    people_spec = f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}"  # structured facts: the recipe renders views
+    recipe_path = _recipe("knowledge-injection.yaml")
+    overrides = [f"model={graft_dir.absolute()}", f"output_dir={run_dir.absolute()}",
+                 f"data.train={people_spec}", f"train.steps={steps}", *DEMO_TRAIN_OVERRIDES]
+    train_key = _fingerprint(recipe_path.read_text(), overrides, (graft_dir / "graft.json").read_text())
+    train_summary = _reuse(run_dir, train_key)
+    if train_summary is not None and (run_dir / "final" / "config.json").is_file():
+        console.print(f"reusing {run_dir} (trained earlier with the same recipe, data and graft)")
+        return train_key, train_summary
+    from memsurgery.train import run as train_run
+
+    _clear(run_dir)
+    console.print(f"recipe {recipe_path} with " + " ".join(f"--set {o}" for o in overrides))
+    train_summary = train_run(recipe_path, overrides, log=console.print)
+    _done(run_dir, train_key, train_summary)
+    return train_key, train_summary
+
+
+def _probe(final_dir: Path, hf_dir: Path, probe_dir: Path, train_key: str, people: int, world_limit: int,
+           console) -> tuple[str, dict]:
+    """(the stage's fingerprint, the probe report of trained vs base)."""
+    facts = [f"builtin:people?n={people}&seed={DEMO_PEOPLE_SEED}&unknown={people}&phrasings=views"
+             f"&train_per_fact={DEMO_PHRASINGS['trained']}&heldout_per_fact={DEMO_PHRASINGS['heldout']}"
+             f"&unknown_per_fact={DEMO_PHRASINGS['unknown']}",
+             f"builtin:world?limit={world_limit}"]
+    probe_key = _fingerprint(train_key, facts, _world_sha(), DEMO_PROBE)
+    probe_report = _reuse(probe_dir, probe_key, "report.json")
+    if probe_report is not None:
+        console.print(f"reusing {probe_dir} (probed earlier: same trained model and fact sets)")
+        return probe_key, probe_report
+    from memsurgery.probe.api import run_probe
+
+    probe_report = run_probe(final_dir, facts=facts, baseline=hf_dir, out=probe_dir, force=True,
+                             log=console.print, **DEMO_PROBE)
+    _done(probe_dir, probe_key, None)
+    return probe_key, probe_report
+
+
+def _export(run_dir: Path, export_dir: Path, probe_dir: Path, probe_key: str, console) -> None:
+    export_key = _fingerprint(probe_key)
+    if _reuse(export_dir, export_key, "export.json") is not None:
+        console.print(f"reusing {export_dir} (exported earlier from the same run and report)")
+        return
+    from memsurgery.export import export
+
+    export(run_dir, export_dir, probe_reports=[probe_dir], force=True, log=console.print)
+    _done(export_dir, export_key, None)
 
 
 # The demo's graft: small enough for a few minutes on 2 CPU cores (a 64K-slot
@@ -179,11 +193,14 @@ DEMO_STEPS = 200
 # Seed 0 was used to choose the recipe's settings and the probe's default signal
 # (docs/results.md); the demo measures them on other people.
 DEMO_PEOPLE_SEED = 1
-DEMO_PARAPHRASES = 3
 DEMO_WORLD_LIMIT = 200
+# Phrasings the probe asks per fact: trained ones (reliability), held-out ones that no
+# training text holds (generalization; questions asked as "Q: ...\nA:"), and held-out
+# ones per never-trained look-alike's fact (hallucination, the memory signal).
+DEMO_PHRASINGS = {"trained": 1, "heldout": 5, "unknown": 2}
 # On top of recipes/knowledge-injection.yaml: one checkpoint at the end is enough here.
 DEMO_TRAIN_OVERRIDES: list[str] = ["checkpoint.every=1000000", "eval.every=0", "eval.probe=null"]
-DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=16, ppl_tokens=8192)
+DEMO_PROBE = dict(template="auto", max_new_tokens=12, batch_size=64, ppl_tokens=8192)
 
 
 def _recipe(name: str) -> Path:
@@ -243,38 +260,39 @@ def _world_sha() -> str:
     return sha256_file(bundled_path())
 
 
-def _kinds(res: dict) -> dict:
-    """Exact match per kind, whatever template each item was asked with."""
-    out: dict[str, float] = {}
-    for summ in res.get("summary", {}).values():
-        for kind, m in summ["kinds"].items():
-            out.setdefault(kind, m["exact_match"])
-    return out
+def _em(d) -> float | None:
+    return None if not d else d.get("exact_match")
+
+
+def _triple(res: dict) -> dict:
+    """Reliability, generalization (questions, completions), locality, hallucination of one model."""
+    k = res.get("knowledge") or {}
+    gen = k.get("generalization") or {}
+    return {"reliability": _em(k.get("reliability")), "generalization": _em(gen),
+            "generalization_questions": _em(gen.get("questions")),
+            "generalization_completions": _em(gen.get("completions")),
+            "known": _em((k.get("locality") or {}).get("known")),
+            "perplexity": (res.get("retention") or {}).get("perplexity"),
+            "unknown_wrong_questions": (k.get("hallucination") or {}).get("attempted_wrong_questions")}
 
 
 def summarize_demo(report: dict, train: dict | None, *, people: int, steps: int) -> dict:
     """The numbers the demo prints: base vs trained, from the probe report."""
-    base = report.get("baseline") or {}
-    model_k, base_k = _kinds(report), _kinds(base)
+    model, base = _triple(report), _triple(report.get("baseline") or {})
     sig = report.get("signals") or {}
     prim = sig.get("primary")
-    abst = sig.get("abstention") or {}
-    hall, base_hall = report.get("hallucination") or {}, base.get("hallucination") or {}
-    ppl = (report.get("retention") or {}).get("perplexity")
-    base_ppl = (base.get("retention") or {}).get("perplexity")
-    return {
-        "people": people, "steps": steps,
-        "injected_em": {"base": base_k.get("injected"), "trained": model_k.get("injected")},
-        "known_em": {"base": base_k.get("known"), "trained": model_k.get("known")},
-        "perplexity": {"base": base_ppl, "trained": ppl},
-        "unknown_wrong": {"base": base_hall.get("incorrect"), "trained": hall.get("incorrect"),
-                          "trained_abstaining": abst.get("unknown_attempted_wrong_after")},
-        "signal": prim,
-        "signal_auroc": ((sig.get("signals") or {}).get(prim) or {}).get("auroc_injected_vs_unknown"),
-        "injected_correct_kept": abst.get("injected_correct_kept"),
-        "train_seconds": (train or {}).get("seconds"),
-        "tokens_per_s": (train or {}).get("tokens_per_s"),
-    }
+    abst = sig.get("abstention_questions") or {}
+    linear = ((report.get("residual_probe") or {}).get("questions") or {})
+    out = {"people": people, "steps": steps,
+           **{key: {"base": base[key], "trained": model[key]} for key in model},
+           "signal": prim,
+           "signal_auroc_questions": ((sig.get("signals") or {}).get(prim) or {}).get("auroc_questions"),
+           "linear_probe_auroc_questions": linear.get("auroc"),
+           "injected_correct_kept": abst.get("injected_correct_kept"),
+           "train_seconds": (train or {}).get("seconds"),
+           "tokens_per_s": (train or {}).get("tokens_per_s")}
+    out["unknown_wrong_questions"]["trained_abstaining"] = abst.get("unknown_attempted_wrong_after")
+    return out
 
 
 def render_demo_summary(summary: dict, timings: dict, console) -> None:
@@ -296,16 +314,21 @@ def render_demo_summary(summary: dict, timings: dict, console) -> None:
         change = "-" if b is None or m is None else f"{(m - b) * scale:+.1f}" + ("" if scale == 1 else " pts")
         table.add_row(name, fmt(b), fmt(m), change)
 
-    row("injected facts, exact match", summary["injected_em"], pct, 100)
-    row("known real-world facts, exact match", summary["known_em"], pct, 100)
-    row("general-text perplexity", summary["perplexity"], num)
-    row("unknown people: attempted & wrong", summary["unknown_wrong"], pct, 100)
-    table.add_row("  ... abstaining on the memory signal", "", pct(summary["unknown_wrong"]["trained_abstaining"]), "")
+    row("reliability: injected facts, trained phrasings", summary["reliability"], pct, 100)
+    row("generalization: held-out phrasings", summary["generalization"], pct, 100)
+    row("  ... questions (Q: ... A:)", summary["generalization_questions"], pct, 100)
+    row("  ... completions", summary["generalization_completions"], pct, 100)
+    row("locality: known real-world facts", summary["known"], pct, 100)
+    row("locality: general-text perplexity", summary["perplexity"], num)
+    row("unknown people, questions: attempted & wrong", summary["unknown_wrong_questions"], pct, 100)
+    table.add_row("  ... abstaining on the memory signal", "",
+                  pct(summary["unknown_wrong_questions"]["trained_abstaining"]), "")
     console.print(table)
     if summary["signal"]:
-        console.print(f"memory signal '{summary['signal']}': injected-vs-unknown AUROC "
-                      f"{num(summary['signal_auroc'])}; correct injected answers kept when abstaining: "
-                      f"{pct(summary['injected_correct_kept'])}")
+        console.print(f"memory signal '{summary['signal']}' on question-form prompts: injected-vs-unknown AUROC "
+                      f"{num(summary['signal_auroc_questions'])} (linear probe on the residual stream: "
+                      f"{num(summary['linear_probe_auroc_questions'])}); correct injected answers kept when "
+                      f"abstaining: {pct(summary['injected_correct_kept'])}")
     console.print("stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items()))
 
 

@@ -36,6 +36,12 @@ class MissingDependency(RuntimeFailure):
     exit_code = 1
 
 
+class BackendUnavailable(RuntimeFailure, RuntimeError):
+    """A kernel backend cannot run here (triton missing, or CPU tensors without
+    TRITON_INTERPRET=1). A RuntimeError for plain-Python callers, a RuntimeFailure
+    (exit 1, one line) for the CLI. Raised by memsurgery.ops."""
+
+
 def one_line(message: str) -> str:
     """Collapse a message to a single line so stderr stays one line."""
     return " ".join(str(message).split())

@@ -2,7 +2,7 @@
 """Generate memsurgery/data/trace_facts.jsonl, the bundled fact set for causal tracing.
 
 `memsurgery graft --layers auto` and `inspect --trace` run ROME-style causal
-tracing (memsurgery/graft/trace.py) on facts a model already knows, to find the
+tracing (memsurgery/inspection/trace.py) on facts a model already knows, to find the
 MLP layers that carry factual recall. This script builds a small, real and
 deterministic set of such facts from offline packages, so the file can be
 rebuilt and audited:

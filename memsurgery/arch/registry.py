@@ -405,6 +405,18 @@ class _Checker:
             if k not in required and k not in optional:
                 self.fail(f"{path}.{k}" if path else k, "unknown key")
 
+    def mapping(self, obj, path: str, required=(), allowed=None, unknown: str = "unknown key"):
+        """A JSON object holding every `required` key (in that order) and, when `allowed` is
+        given, no other key."""
+        if not isinstance(obj, dict):
+            self.fail(path, "expected a JSON object")
+        for k in required:
+            if k not in obj:
+                self.fail(f"{path}.{k}", "missing key")
+        for k in obj if allowed is not None else ():
+            if k not in allowed:
+                self.fail(f"{path}.{k}", unknown)
+
     def string(self, value, key: str, nullable: bool = False):
         if value is None and nullable:
             return None
@@ -471,19 +483,11 @@ def _validate_layout(raw: dict, chk: _Checker, where: str = "") -> None:
     chk.string(norms["post_mlp"], p + "norms.post_mlp", nullable=True)
 
     keys = raw["config_keys"]
-    if not isinstance(keys, dict):
-        chk.fail(p + "config_keys", "expected a JSON object")
-    for k in REQUIRED_CONFIG_KEYS:
-        if k not in keys:
-            chk.fail(f"{p}config_keys.{k}", "missing key")
+    chk.mapping(keys, p + "config_keys", required=REQUIRED_CONFIG_KEYS)
     for k, v in keys.items():
         chk.str_list(v, f"{p}config_keys.{k}", allow_empty=False)
-    defaults = raw["config_defaults"]
-    if not isinstance(defaults, dict):
-        chk.fail(p + "config_defaults", "expected a JSON object")
-    for k in defaults:
-        if k not in keys:
-            chk.fail(f"{p}config_defaults.{k}", "default for a key not in config_keys")
+    chk.mapping(raw["config_defaults"], p + "config_defaults", allowed=keys,
+                unknown="default for a key not in config_keys")
 
     aliases = raw.get("activation_aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):

@@ -178,7 +178,7 @@ def _bench_shape(
     reps: int,
     peak: float | None,
 ) -> dict:
-    from memsurgery.ops import embedding_bag, resolve_backend
+    from memsurgery.ops import resolve_backend
 
     shape = _fit_slots(shape, device, torch.tensor([], dtype=dtype).element_size())
     bags, bag_size, slots, dim = shape["bags"], shape["bag_size"], shape["slots"], shape["dim"]
@@ -192,10 +192,30 @@ def _bench_shape(
     scores.requires_grad_()
     grad_out = torch.randn(bags, dim, generator=gen, device=device).to(dtype)
     unique_rows = int(torch.unique(indices).numel())
-    fwd_bytes, bwd_bytes = _bytes(shape, unique_rows, table.element_size(),
-                                  scores.element_size(), indices.element_size())  # fmt: skip
+    nbytes = _bytes(shape, unique_rows, table.element_size(), scores.element_size(), indices.element_size())
+    inputs = (indices, table, scores, grad_out)
+    results = _time_impls(inputs, resolve_backend("auto", table), nbytes, device, warmup, reps, peak)
+    speedup = {
+        phase: round(results[phase]["torch"]["ms"] / results[phase]["ours"]["ms"], 3)
+        for phase in ("forward", "backward")
+    }
+    return dict(
+        shape,
+        dtype=str(dtype).removeprefix("torch."),
+        unique_rows=unique_rows,
+        bytes=dict(forward=nbytes[0], backward=nbytes[1]),
+        results=results,
+        speedup=speedup,
+    )
 
-    ours_backend = resolve_backend("auto", table)
+
+def _time_impls(inputs: tuple, ours_backend: str, nbytes: tuple[int, int], device, warmup: int, reps: int,
+                peak: float | None) -> dict:
+    """Forward and backward timings of ours and F.embedding_bag (dense and sparse grad)."""
+    from memsurgery.ops import embedding_bag
+
+    indices, table, scores, grad_out = inputs
+    fwd_bytes, bwd_bytes = nbytes
 
     def ours():
         return embedding_bag(indices, table, scores)
@@ -248,18 +268,7 @@ def _bench_shape(
             "impl": "F.embedding_bag sparse=True",
             "error": str(err).splitlines()[0],
         }
-    speedup = {
-        phase: round(results[phase]["torch"]["ms"] / results[phase]["ours"]["ms"], 3)
-        for phase in ("forward", "backward")
-    }
-    return dict(
-        shape,
-        dtype=str(dtype).removeprefix("torch."),
-        unique_rows=unique_rows,
-        bytes=dict(forward=fwd_bytes, backward=bwd_bytes),
-        results=results,
-        speedup=speedup,
-    )
+    return results
 
 
 _SHORT = {"ours": "ours", "torch": "torch", "torch_sparse": "torch sp"}
@@ -375,20 +384,13 @@ def run_kernel_bench(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument("--json", action="store_true", dest="json_out", help="print JSON instead of a table")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, for CI")
     parser.add_argument(
         "--dtype", choices=["bfloat16", "float32"], help="default: bf16 on CUDA, fp32 on CPU"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: $MEMSURGERY_THREADS, else 1)")
-    args = parser.parse_args(argv)
-    run_kernel_bench(
-        device=args.device,
-        json_out=args.json,
-        quick=args.quick,
-        dtype=args.dtype,
-        threads=args.threads,
-    )
+    run_kernel_bench(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -52,9 +52,6 @@ def _child(spec: dict) -> dict:
     import psutil
     import torch
 
-    from memsurgery.memory import MemoryBank, MemoryConfig
-    from memsurgery.optim import SparseRowAdam, SparseRowSGD
-
     # The process baseline every torch training run pays, measured before any table
     # exists: python + torch + memsurgery, and the lazy imports (torch._dynamo, sympy;
     # ~160 MB) that constructing any torch.optim.Optimizer triggers.
@@ -63,6 +60,55 @@ def _child(spec: dict) -> dict:
     proc = psutil.Process()
     baseline_rss = proc.memory_info().rss
     torch.manual_seed(0)
+
+    bank, layer, opt = _layer_and_optimizer(spec)
+    x = torch.randn(spec["tokens"], spec["hidden"])
+    steps = _time_steps(spec, bank, layer, opt, x)
+    fixed = _time_fixed_rows(spec, bank, opt)
+
+    param_bytes = sum(p.numel() * p.element_size() for p in bank.parameters())
+    table_bytes = bank.values.weight.numel() * bank.values.weight.element_size()
+    state_bytes = sum(
+        t.numel() * t.element_size()
+        for st in opt.state.values()
+        for t in st.values()
+        if isinstance(t, torch.Tensor)
+    )
+    expected = param_bytes + state_bytes
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    med = statistics.median(steps["total"])
+    return {
+        "optimizer": spec["optimizer"],
+        "slots": spec["slots"],
+        "value_dtype": spec["value_dtype"],
+        "threads": torch.get_num_threads(),
+        "step_ms": 1e3 * med,
+        "step_ms_min": 1e3 * min(steps["total"]),
+        "forward_ms": 1e3 * statistics.median(steps["forward"]),
+        "backward_ms": 1e3 * statistics.median(steps["backward"]),
+        "optimizer_ms": 1e3 * statistics.median(steps["optimizer"]),
+        "step_ms_all": [round(1e3 * t, 2) for t in steps["total"]],
+        "tokens_per_s": spec["tokens"] / med,
+        "rows_touched": int(statistics.median(steps["rows"])),
+        "optimizer_fixed_rows": spec["fixed_rows"],
+        "optimizer_fixed_ms": 1e3 * statistics.median(fixed),
+        "loadavg_1min": load_average(),
+        "table_bytes": table_bytes,
+        "param_bytes": param_bytes,
+        "state_bytes": state_bytes,
+        "expected_bytes": expected,
+        "baseline_rss": baseline_rss,
+        "peak_rss": peak,
+        "peak_over_expected": peak / expected,
+        "transient_bytes": peak - baseline_rss - expected,
+        "excess_over_expected": (peak - baseline_rss - expected) / expected,
+    }
+
+
+def _layer_and_optimizer(spec: dict):
+    """(bank, its one memory layer, the sparse optimizer over both) for a configuration."""
+    from memsurgery.memory import MemoryBank, MemoryConfig
+    from memsurgery.optim import SparseRowAdam, SparseRowSGD
 
     config = MemoryConfig.build(
         slots=spec["slots"],
@@ -89,9 +135,12 @@ def _child(spec: dict) -> dict:
                 {"params": bank.dense_parameters(), "lr": 1e-3},
             ]
         )
-    x = torch.randn(spec["tokens"], spec["hidden"])
+    return bank, layer, opt
 
-    fwd, bwd, stp, tot, touched = [], [], [], [], []
+
+def _time_steps(spec: dict, bank, layer, opt, x) -> dict[str, list]:
+    """Seconds of each timed step's forward, backward, optimizer and total; unique rows touched."""
+    times: dict[str, list] = {"forward": [], "backward": [], "optimizer": [], "total": [], "rows": []}
     for i in range(spec["warmup"] + spec["reps"]):
         t0 = time.perf_counter()
         out = layer(x)
@@ -105,23 +154,31 @@ def _child(spec: dict) -> dict:
         opt.zero_grad(set_to_none=True)  # frees the sparse grad: no O(slots) zeroing
         t3 = time.perf_counter()
         if i >= spec["warmup"]:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-            stp.append(t3 - t2)
-            tot.append(t3 - t0)
-            touched.append(rows)
+            times["forward"].append(t1 - t0)
+            times["backward"].append(t2 - t1)
+            times["optimizer"].append(t3 - t2)
+            times["total"].append(t3 - t0)
+            times["rows"].append(rows)
         del out, loss, grad
+    return times
 
-    # Fixed work: the same number of unique random rows on every table size, so the
-    # optimizer's time can be compared at equal work (the layer steps above touch more
-    # unique rows on a big table: 64K slots saturate, 1M get ~230K of 262K picks).
+
+def _time_fixed_rows(spec: dict, bank, opt) -> list[float]:
+    """Optimizer seconds per step at a fixed number of unique random rows.
+
+    The same work on every table size, so the optimizer's time can be compared at equal
+    work (the layer steps of `_time_steps` touch more unique rows on a big table: 64K
+    slots saturate, 1M get ~230K of 262K picks).
+    """
+    import torch
+
     table = bank.values.weight
     g = torch.Generator().manual_seed(1)
     fixed_rows = spec["fixed_rows"]
     rows = torch.randperm(table.shape[0], generator=g)[:fixed_rows].sort().values
     vals = torch.randn(fixed_rows, table.shape[1], generator=g).to(table.dtype)
     fixed = []
-    for i in range(2 + spec["reps"]):
+    for _ in range(2 + spec["reps"]):
         table.grad = torch.sparse_coo_tensor(
             rows[None], vals, table.shape, is_coalesced=True, check_invariants=False
         )
@@ -129,45 +186,7 @@ def _child(spec: dict) -> dict:
         opt.step()
         fixed.append(time.perf_counter() - t0)
         opt.zero_grad(set_to_none=True)
-    fixed = fixed[2:]
-
-    param_bytes = sum(p.numel() * p.element_size() for p in bank.parameters())
-    table_bytes = bank.values.weight.numel() * bank.values.weight.element_size()
-    state_bytes = sum(
-        t.numel() * t.element_size()
-        for st in opt.state.values()
-        for t in st.values()
-        if isinstance(t, torch.Tensor)
-    )
-    expected = param_bytes + state_bytes
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    med = statistics.median(tot)
-    return {
-        "optimizer": spec["optimizer"],
-        "slots": spec["slots"],
-        "value_dtype": spec["value_dtype"],
-        "threads": torch.get_num_threads(),
-        "step_ms": 1e3 * med,
-        "step_ms_min": 1e3 * min(tot),
-        "forward_ms": 1e3 * statistics.median(fwd),
-        "backward_ms": 1e3 * statistics.median(bwd),
-        "optimizer_ms": 1e3 * statistics.median(stp),
-        "step_ms_all": [round(1e3 * t, 2) for t in tot],
-        "tokens_per_s": spec["tokens"] / med,
-        "rows_touched": int(statistics.median(touched)),
-        "optimizer_fixed_rows": fixed_rows,
-        "optimizer_fixed_ms": 1e3 * statistics.median(fixed),
-        "loadavg_1min": load_average(),
-        "table_bytes": table_bytes,
-        "param_bytes": param_bytes,
-        "state_bytes": state_bytes,
-        "expected_bytes": expected,
-        "baseline_rss": baseline_rss,
-        "peak_rss": peak,
-        "peak_over_expected": peak / expected,
-        "transient_bytes": peak - baseline_rss - expected,
-        "excess_over_expected": (peak - baseline_rss - expected) / expected,
-    }
+    return fixed[2:]
 
 
 def _run_child(spec: dict) -> dict:
@@ -303,24 +322,19 @@ def _print_table(result: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny sizes (CI)")
-    ap.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ap.add_argument("--json", action="store_true", dest="json_out", help="print JSON instead of a table")
     ap.add_argument("--value-dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, help="torch threads per run (default: $MEMSURGERY_THREADS, else 1)")
     ap.add_argument(
         "--rounds", type=int, default=1, help="repeat all configs, keep each one's best round"
     )
     ap.add_argument("--child", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.child:
-        print(json.dumps(_child(json.loads(args.child))))
+    args = vars(ap.parse_args(argv))
+    child = args.pop("child")
+    if child:
+        print(json.dumps(_child(json.loads(child))))
         return
-    run_layer_bench(
-        json_out=args.json,
-        quick=args.quick,
-        value_dtype=args.value_dtype,
-        threads=args.threads,
-        rounds=args.rounds,
-    )
+    run_layer_bench(**args)
 
 
 if __name__ == "__main__":

@@ -32,12 +32,12 @@ def run_throughput_bench(ckpt: str | Path | None = None, *, slots: int = 1 << 20
                          quick: bool = False, log=print) -> dict:
     from memsurgery.arch import spec_for_config
     from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.graft.hf import graft_model
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.inspection import default_memory_layers
     from memsurgery.memory import MemoryConfig
 
     if ckpt is None:
-        from memsurgery.fetch import fetch_demo_checkpoint
+        from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
         ckpt = fetch_demo_checkpoint(log=log)
     from memsurgery.bench import bench_threads, load_average

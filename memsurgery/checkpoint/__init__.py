@@ -1,4 +1,8 @@
-"""Checkpoint I/O: lazy reading of safetensors / GGUF / gated pickle, sharded safetensors writing."""
+"""Checkpoint I/O: lazy reading of safetensors / GGUF / gated pickle, sharded safetensors writing.
+
+`convert` (`memsurgery convert`: any readable checkpoint -> a Hugging Face directory) and
+`fetch` (the demo checkpoint, downloaded once) build on these; import them by name.
+"""
 
 from memsurgery.checkpoint.reader import Checkpoint, TensorInfo, open_checkpoint
 from memsurgery.checkpoint.safetensors_header import read_safetensors_header

@@ -163,29 +163,7 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
 
 def _parse(buf, path: Path, label: str, size: int, gguf) -> GGUFHeader:
     cur = _Cursor(buf, label)
-    if buf[:4] != b"GGUF":
-        raise cur.fail(
-            "does not start with the GGUF magic bytes",
-            "pass a .gguf file produced by llama.cpp tools",
-        )
-    cur.pos = 4
-    (version,) = cur.unpack("I", "version")
-    if version & 0xFFFF == 0 and version != 0:  # written on a big-endian host
-        cur.endian = ">"
-        version = struct.unpack(">I", struct.pack("<I", version))[0]
-    if version not in (2, 3):
-        raise cur.fail(
-            f"GGUF version {version} is not supported (only 2 and 3)",
-            "re-convert it with a current llama.cpp",
-        )
-    n_tensors, n_kv = cur.unpack("QQ", "tensor and metadata counts")
-    # Every metadata entry takes at least 12 bytes and every tensor entry at
-    # least 24, so counts beyond that are corruption (and would loop forever).
-    if n_kv * 12 > size or n_tensors * 24 > size:
-        raise cur.fail(
-            f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than fit in {size} bytes"
-        )
-
+    version, n_tensors, n_kv = _parse_preamble(cur, buf, size)
     metadata: dict = {}
     array_lengths: dict[str, int] = {}
     for _ in range(n_kv):
@@ -215,36 +193,68 @@ def _parse(buf, path: Path, label: str, size: int, gguf) -> GGUFHeader:
         raw_tensors.append((name, tuple(dims), type_id, offset))
 
     data_start = (cur.pos + alignment - 1) // alignment * alignment
-    data_size = size - data_start
     tensors: list[GGUFTensor] = []
     names: set[str] = set()
     for name, dims, type_id, offset in raw_tensors:
         if name in names:
             raise cur.fail(f"tensor {name!r} appears twice")
         names.add(name)
-        try:
-            qtype = gguf.GGMLQuantizationType(type_id)
-            block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-        except (ValueError, KeyError):
-            raise cur.fail(
-                f"tensor {name!r} has unknown ggml type id {type_id}",
-                "the file is corrupt or needs a newer gguf package",
-            ) from None
-        numel = 1
-        for d in dims:
-            numel *= d
-        if numel % block or (dims and dims[0] % block):
-            raise cur.fail(
-                f"tensor {name!r} has {numel} elements, not a whole number of {qtype.name} blocks of {block}"
-            )
-        nbytes = numel // block * type_size
-        if offset + nbytes > data_size:
-            raise cur.fail(
-                f"tensor {name!r} data runs past the end of the file "
-                f"(offset {data_start + offset + nbytes} > {size} bytes)"
-            )
-        tensors.append(GGUFTensor(name, dims, type_id, qtype.name, offset, nbytes))
+        tensors.append(_tensor(cur, gguf, name, dims, type_id, offset, data_start, size))
     return GGUFHeader(path, version, metadata, array_lengths, tensors, data_start, size, names)
+
+
+def _parse_preamble(cur: _Cursor, buf, size: int) -> tuple[int, int, int]:
+    """Magic, version (byte order) and counts: (version, tensor count, metadata count)."""
+    if buf[:4] != b"GGUF":
+        raise cur.fail(
+            "does not start with the GGUF magic bytes",
+            "pass a .gguf file produced by llama.cpp tools",
+        )
+    cur.pos = 4
+    (version,) = cur.unpack("I", "version")
+    if version & 0xFFFF == 0 and version != 0:  # written on a big-endian host
+        cur.endian = ">"
+        version = struct.unpack(">I", struct.pack("<I", version))[0]
+    if version not in (2, 3):
+        raise cur.fail(
+            f"GGUF version {version} is not supported (only 2 and 3)",
+            "re-convert it with a current llama.cpp",
+        )
+    n_tensors, n_kv = cur.unpack("QQ", "tensor and metadata counts")
+    # Every metadata entry takes at least 12 bytes and every tensor entry at
+    # least 24, so counts beyond that are corruption (and would loop forever).
+    if n_kv * 12 > size or n_tensors * 24 > size:
+        raise cur.fail(
+            f"header claims {n_tensors} tensors and {n_kv} metadata keys, more than fit in {size} bytes"
+        )
+    return version, n_tensors, n_kv
+
+
+def _tensor(cur: _Cursor, gguf, name: str, dims: tuple, type_id: int, offset: int, data_start: int,
+            size: int) -> GGUFTensor:
+    """One tensor's entry, checked: a known ggml type, whole blocks, data inside the file."""
+    try:
+        qtype = gguf.GGMLQuantizationType(type_id)
+        block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    except (ValueError, KeyError):
+        raise cur.fail(
+            f"tensor {name!r} has unknown ggml type id {type_id}",
+            "the file is corrupt or needs a newer gguf package",
+        ) from None
+    numel = 1
+    for d in dims:
+        numel *= d
+    if numel % block or (dims and dims[0] % block):
+        raise cur.fail(
+            f"tensor {name!r} has {numel} elements, not a whole number of {qtype.name} blocks of {block}"
+        )
+    nbytes = numel // block * type_size
+    if offset + nbytes > size - data_start:
+        raise cur.fail(
+            f"tensor {name!r} data runs past the end of the file "
+            f"(offset {data_start + offset + nbytes} > {size} bytes)"
+        )
+    return GGUFTensor(name, dims, type_id, qtype.name, offset, nbytes)
 
 
 def _read_value(cur: _Cursor, vtype: int, key: str, array_lengths: dict[str, int]):

@@ -65,6 +65,23 @@ class TensorInfo:
 
 
 @contextlib.contextmanager
+def _transformers_loading(label: str, action: str, fix: str):
+    """transformers building a model inside, quietly; its failures become one-line errors:
+    out of memory -> RuntimeFailure, anything else -> InputError naming `action` and `fix`."""
+    try:
+        with _quiet_transformers():
+            yield
+    except MemoryError:
+        raise RuntimeFailure(
+            f"{label}: out of memory while loading the weights; use a machine with more RAM"
+        ) from None
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(
+            one_line(f"{label}: transformers could not {action} ({type(exc).__name__}: {exc}); {fix}")
+        ) from None
+
+
+@contextlib.contextmanager
 def _quiet_transformers():
     """Silence transformers' progress bars and load reports: the CLI owns the terminal.
 
@@ -375,46 +392,23 @@ class Checkpoint:
 
         cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]
         state = self.load_state_dict()
-        try:
-            with _quiet_transformers():
-                # The class method (not the Auto one) accepts a state dict with
-                # no path, so weights go through our own checked readers.
-                model = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype)
-        except MemoryError:
-            raise RuntimeFailure(
-                f"{self.label}: out of memory while loading the weights; use a machine with more RAM"
-            ) from None
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(
-                one_line(
-                    f"{self.label}: transformers could not build the model ({type(exc).__name__}: {exc}); "
-                    "the checkpoint does not match its config.json"
-                )
-            ) from None
+        with _transformers_loading(self.label, "build the model", "the checkpoint does not match its config.json"):
+            # The class method (not the Auto one) accepts a state dict with
+            # no path, so weights go through our own checked readers.
+            model = cls.from_pretrained(None, config=cfg, state_dict=state, dtype=dtype)
         return model.to(dtype).eval()
 
     def _load_gguf_model(self, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
 
-        try:
-            with _quiet_transformers():
-                model = AutoModelForCausalLM.from_pretrained(
-                    str(self.root),
-                    gguf_file=self.gguf_file,
-                    dtype=torch.float32,
-                    local_files_only=True,
-                )
-        except MemoryError:
-            raise RuntimeFailure(
-                f"{self.label}: out of memory while loading the weights; use a machine with more RAM"
-            ) from None
-        except Exception as exc:  # noqa: BLE001
-            raise InputError(
-                one_line(
-                    f"{self.label}: transformers could not dequantize this GGUF ({type(exc).__name__}: {exc}); "
-                    "re-download it or convert it with llama.cpp's tools"
-                )
-            ) from None
+        with _transformers_loading(self.label, "dequantize this GGUF",
+                                   "re-download it or convert it with llama.cpp's tools"):
+            model = AutoModelForCausalLM.from_pretrained(
+                str(self.root),
+                gguf_file=self.gguf_file,
+                dtype=torch.float32,
+                local_files_only=True,
+            )
         strip_quantization(model)
         return model.to(dtype).eval()
 

@@ -1,5 +1,6 @@
-"""CLI commands that live in their own modules; each exposes `register(app)`.
+"""The CLI commands, a module per command (or group); memsurgery/cli.py registers them.
 
-Kept out of cli.py so that each command's flags sit next to the code they drive,
-and every heavy import stays inside the command function (fast `--help`).
+Each command is a plain function whose signature holds its flags and whose docstring is
+its help: parse -> one library call -> render. Every heavy import stays inside the
+function, so `memsurgery --help` stays fast. Shared pieces are in `_common`.
 """

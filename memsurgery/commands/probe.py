@@ -1,7 +1,7 @@
-"""`memsurgery probe` (fact-set reports on a checkpoint) and `memsurgery export` (the merged checkpoint).
+"""`memsurgery probe CKPT`: fact-set reports on a checkpoint (definitions and outputs: docs/probe.md).
 
-Thin wrappers: parse flags, call memsurgery.probe.api.run_probe / memsurgery.export.export,
-render a short summary. Definitions and outputs: docs/probe.md.
+A thin wrapper: parse flags, call memsurgery.probe.api.run_probe (or api.explain for
+--explain), print a short summary.
 """
 
 from __future__ import annotations
@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from memsurgery.commands._common import emit_json
 
 
 def _print(msg: str) -> None:
@@ -52,88 +54,57 @@ def _summary_lines(report: dict) -> list[str]:
     return lines
 
 
-def register(app) -> None:
-    """Add `probe` and `export` to the Typer app."""
+def probe(
+    ckpt: Path = typer.Argument(..., help="Checkpoint: grafted or dense HF dir, train run dir, or .gguf."),
+    facts: Optional[List[str]] = typer.Option(
+        None, "--facts", help="Fact set: builtin:world, builtin:people[?n=20&seed=0&unknown=20&paraphrases=3], "
+                              "or a JSONL path; repeatable (default builtin:world)."),
+    baseline: Optional[Path] = typer.Option(None, "--baseline", help="Second checkpoint, reported side by side with deltas."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, samples.jsonl, report.md, report.html here."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per fact set (round-robin over kind/relation)."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    template: str = typer.Option("auto", "--template", help="qa, completion, both, or auto (completion when a prompt exists)."),
+    max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Prompts per batch (decoding is memory-bound on CPU: larger batches read the weights fewer times)."),
+    ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
+    signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
+    explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    json_out: bool = typer.Option(False, "--json", help="Print the report (or --explain result) as JSON."),
+) -> None:
+    """Probe facts, hallucination, calibration, memory signals and retention (docs/probe.md)."""
+    from memsurgery.errors import InputError
+    from memsurgery.probe import api
 
-    @app.command()
-    def probe(
-        ckpt: Path = typer.Argument(..., help="Checkpoint: grafted or dense HF dir, train run dir, or .gguf."),
-        facts: Optional[List[str]] = typer.Option(
-            None, "--facts", help="Fact set: builtin:world, builtin:people[?n=20&seed=0&unknown=20&paraphrases=3], "
-                                  "or a JSONL path; repeatable (default builtin:world)."),
-        baseline: Optional[Path] = typer.Option(None, "--baseline", help="Second checkpoint, reported side by side with deltas."),
-        out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, samples.jsonl, report.md, report.html here."),
-        limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per fact set (round-robin over kind/relation)."),
-        device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
-        template: str = typer.Option("auto", "--template", help="qa, completion, both, or auto (completion when a prompt exists)."),
-        max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
-        batch_size: int = typer.Option(16, "--batch-size", help="Prompts per batch."),
-        ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
-        signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
-        explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),
-        force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
-        json_out: bool = typer.Option(False, "--json", help="Print the report (or --explain result) as JSON."),
-    ) -> None:
-        """Probe facts, hallucination, calibration, memory signals and retention (docs/probe.md)."""
-        import json
-
-        from memsurgery.errors import InputError
-        from memsurgery.probe import api
-
-        if max_new_tokens < 1 or batch_size < 1 or ppl_tokens < 0:
-            raise InputError("--max-new-tokens and --batch-size must be >= 1, --ppl-tokens >= 0")
-        log = (lambda m: None) if json_out else _print
-        if explain_text is not None:
-            model, tok, _ = api.load_model(ckpt, device=device)
-            res = api.explain(model, tok, explain_text)
-            if json_out:
-                sys.stdout.write(json.dumps(res, indent=2) + "\n")
-                return
-            print(f"prompt: {res['prompt']!r} -> {res['generation']!r} (log-prob {res['logprob_sum']:.2f})")
-            for L, info in res["layers"].items():
-                gate = "n/a" if info["gate"] is None else f"{info['gate']:.4f}"
-                print(f"layer {L}: gate {gate}")
-                for r in info["slots"]:
-                    print(f"  slot {r['slot']:>8}  head {r['head']}  score {r['score']:+.4f}  weight {r['weight']:.4f}"
-                          f"{'  written' if r['written'] else ''}")
-            return
-        report = api.run_probe(ckpt, facts=facts or ["builtin:world"], baseline=baseline, out=out, limit=limit,
-                               device=device, template=template, max_new_tokens=max_new_tokens,
-                               batch_size=batch_size, ppl_tokens=ppl_tokens, primary_signal=signal,
-                               force=force, log=log)
+    if max_new_tokens < 1 or batch_size < 1 or ppl_tokens < 0:
+        raise InputError("--max-new-tokens and --batch-size must be >= 1, --ppl-tokens >= 0")
+    if explain_text is not None:
+        model, tok, _ = api.load_model(ckpt, device=device)
+        res = api.explain(model, tok, explain_text)
         if json_out:
-            from memsurgery.probe.report import _clean
-
-            sys.stdout.write(json.dumps(_clean(report), indent=2) + "\n")
+            emit_json(res, default=None)
         else:
-            print("\n".join(_summary_lines(report)))
-            if out is not None:
-                print(f"reports in {out}/ (report.html, report.md, report.json, samples.jsonl)")
+            _print_explain(res)
+        return
+    report = api.run_probe(ckpt, facts=facts or ["builtin:world"], baseline=baseline, out=out, limit=limit,
+                           device=device, template=template, max_new_tokens=max_new_tokens,
+                           batch_size=batch_size, ppl_tokens=ppl_tokens, primary_signal=signal,
+                           force=force, log=(lambda m: None) if json_out else _print)
+    if json_out:
+        from memsurgery.probe.report import _clean
 
-    @app.command("export")
-    def export_cmd(
-        src: Path = typer.Argument(..., help="Grafted or dense HF directory, or a train run directory (uses final/)."),
-        out: Path = typer.Argument(..., help="Output directory."),
-        probe_report: Optional[List[Path]] = typer.Option(
-            None, "--probe-report", "--report", help="Probe --out directory to copy into OUT/reports/ (repeatable)."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 (fp32) or bfloat16 (bf16)."),
-        shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard, e.g. 2GB or 500MB."),
-        no_verify: bool = typer.Option(False, "--no-verify", help="Skip the clean-process reload check (not advised)."),
-        force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT."),
-        json_out: bool = typer.Option(False, "--json", help="Print export.json (with the verification) as JSON."),
-    ) -> None:
-        """Write a standalone HF directory with reports, model card and SHA256SUMS; verify it by reloading."""
-        import json
+        emit_json(_clean(report), default=None)
+    else:
+        print("\n".join(_summary_lines(report)))
+        if out is not None:
+            print(f"reports in {out}/ (report.html, report.md, report.json, samples.jsonl)")
 
-        from memsurgery.export import export
 
-        log = (lambda m: None) if json_out else _print
-        prov = export(src, out, probe_reports=probe_report or [], dtype=dtype, force=force,
-                      max_shard_size=shard_size, verify=not no_verify, log=log)
-        if json_out:
-            sys.stdout.write(json.dumps(prov, indent=2, default=str) + "\n")
-        else:
-            v = prov.get("verification")
-            print(f"exported {out} ({prov['dtype']}, {'grafted' if prov['grafted'] else 'dense'})"
-                  + (f"; verified: {v['manifest_files']} files hashed, max |logit diff| {v['max_abs_logit_diff']:.2e}"
-                     if v else "; not verified"))
+def _print_explain(res: dict) -> None:
+    print(f"prompt: {res['prompt']!r} -> {res['generation']!r} (log-prob {res['logprob_sum']:.2f})")
+    for L, info in res["layers"].items():
+        gate = "n/a" if info["gate"] is None else f"{info['gate']:.4f}"
+        print(f"layer {L}: gate {gate}")
+        for r in info["slots"]:
+            print(f"  slot {r['slot']:>8}  head {r['head']}  score {r['score']:+.4f}  weight {r['weight']:.4f}"
+                  f"{'  written' if r['written'] else ''}")

@@ -7,49 +7,45 @@ from typing import Annotated
 
 import typer
 
+from memsurgery.commands._common import emit_json
 
-def register(app) -> None:
-    """Add this module's commands to the Typer app."""
 
-    @app.command()
-    def train(
-        recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML); see recipes/ and docs/recipes.md.")],
-        set_: Annotated[list[str] | None, typer.Option(
-            "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.steps=50 (value parsed as YAML); repeatable.")] = None,
-        resume: Annotated[bool, typer.Option(
-            "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
-        dry_run: Annotated[bool, typer.Option(
-            "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
-        json_out: Annotated[bool, typer.Option(
-            "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
-    ) -> None:
-        """Train a grafted (or dense) checkpoint from a YAML recipe: memory, sparse_memory, full or lora."""
-        import json
-        import os
-        import sys
+def train(
+    recipe: Annotated[Path, typer.Argument(help="Training recipe (YAML); see recipes/ and docs/recipes.md.")],
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", metavar="KEY=VALUE", help="Override a recipe key, e.g. --set train.steps=50 (value parsed as YAML); repeatable.")] = None,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
+    json_out: Annotated[bool, typer.Option(
+        "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
+) -> None:
+    """Train a grafted (or dense) checkpoint from a YAML recipe: memory, sparse_memory, full or lora."""
+    import os
 
-        from rich.console import Console
+    from rich.console import Console
 
-        from memsurgery.train import run
+    from memsurgery.train import run
 
-        # With --json, stdout carries only the JSON document; messages go to stderr.
-        console = Console(stderr=json_out)
+    # With --json, stdout carries only the JSON document; messages go to stderr.
+    console = Console(stderr=json_out)
 
-        def log(msg) -> None:
-            console.print(str(msg), markup=False, highlight=False)
+    def log(msg) -> None:
+        console.print(str(msg), markup=False, highlight=False)
 
-        summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
-        if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
-            return
-        if json_out:
-            sys.stdout.write(json.dumps(summary, indent=2, default=str) + "\n")
-        elif dry_run:
-            _render_plan(console, summary["plan"])
-        else:
-            console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
-                          f"(final loss {summary['final_loss']:.4f}"
-                          + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
-                          + f"); model in {summary['final_dir']}", markup=False)
+    summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
+    if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
+        return
+    if json_out:
+        emit_json(summary)
+    elif dry_run:
+        _render_plan(console, summary["plan"])
+    else:
+        console.print(f"trained {summary['steps']} steps in {summary['seconds']:.1f} s "
+                      f"(final loss {summary['final_loss']:.4f}"
+                      + (f", eval loss {summary['eval_loss']:.4f}" if summary.get("eval_loss") is not None else "")
+                      + f"); model in {summary['final_dir']}", markup=False)
 
 
 def _render_plan(console, plan: dict) -> None:
@@ -61,6 +57,11 @@ def _render_plan(console, plan: dict) -> None:
     console.print(f"data: {d['train']} ({d['format']}): {d['train_sequences']} sequences, {d['train_tokens']:,} "
                   f"tokens, seq_len {d['seq_len']}, packing {d['packing']}; eval {d['eval_sequences']} sequences",
                   markup=False)
+    if d.get("memory_positions") == "entity":
+        console.print("memory acts only at the entity's tokens during training (data.memory_positions: entity)",
+                      markup=False)
+    if d.get("views"):
+        _render_views(console, d["views"])
     table = Table(title="parameters by group")
     for col in ("group", "params", "trainable", "lr", "weight decay", "optimizer"):
         table.add_column(col, justify="right")
@@ -72,3 +73,19 @@ def _render_plan(console, plan: dict) -> None:
                   f"{plan['steps']} steps x {plan['sequences_per_step']} sequences "
                   f"(<= {plan['tokens_per_step_max']:,} tokens/step, <= {plan['tokens_total_max']:,} in all, "
                   f"{plan['epochs']} epochs)", markup=False)
+
+
+def _render_views(console, v: dict) -> None:
+    """What `format: facts` generated: counts per phrasing and one fact's wordings."""
+    console.print(f"views: {v['facts']} facts of {v['entities']} entities -> {v['qa_pairs']} QA pairs, "
+                  f"{v['documents']} documents", markup=False)
+    console.print("  phrasings trained: " + ", ".join(f"{k} x{n}" for k, n in v["phrasings"].items()),
+                  markup=False)
+    ex = v["example"]
+    console.print(f"  example fact: {ex['entity']} / {ex['relation']} -> {ex['answer']!r}", markup=False)
+    for text in ex["trained"]:
+        console.print(f"    trained:  {text!r}", markup=False)
+    for text in ex["documents"]:
+        console.print(f"    document: {text!r}", markup=False)
+    for text in ex["held_out_never_trained"]:
+        console.print(f"    held out: {text!r}  (never trained; the probe asks it)", markup=False)

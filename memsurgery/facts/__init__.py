@@ -4,6 +4,14 @@
     load_factset("builtin:people?n=20&seed=0&unknown=20&paraphrases=3")  # injected + unknown people
     load_factset("my_facts.jsonl")                                  # any file in the schema
     load_factset("builtin:world?limit=200")     # any set cut to K items, round-robin over relations
+    load_factset("builtin:people?n=30&phrasings=views")   # trained + held-out phrasings of each fact
+    load_factset("facts.jsonl?phrasings=views&templates=my_templates.json")  # structured facts, same
+
+`phrasings=views` asks each fact in the wordings of memsurgery.facts.templates: up to
+`train_per_fact` (default 2) of the phrasings training uses (reliability) and
+`heldout_per_fact` (default all) of the held-out ones (generalization); never-trained
+(unknown) people are asked `unknown_per_fact` (default 2) held-out phrasings. A file read
+this way holds structured facts ({"entity", "relation", "answer"}).
 
 Schema and sets: docs/probe.md.
 """
@@ -22,6 +30,9 @@ __all__ = ["KINDS", "FactItem", "limit_items", "load_factset", "parse_spec", "pe
 # builtin:people query keys -> people_set keyword, with defaults.
 _PEOPLE_KEYS = {"n": ("n_people", 20), "seed": ("seed", 0), "unknown": ("n_unknown", 20),
                 "paraphrases": ("paraphrases", 3)}
+# phrasings=views options (any structured fact set), with defaults; None = all.
+_VIEW_KEYS = {"phrasings": "canonical", "train_per_fact": 2, "heldout_per_fact": None, "unknown_per_fact": 2,
+              "templates": None}
 
 
 def parse_spec(spec: str) -> tuple[str, dict]:
@@ -101,6 +112,39 @@ def load_factset(spec: str | Path) -> list[FactItem]:
     return limit_items(_load(name, params, text), limit)
 
 
+def _view_options(params: dict, text: str) -> dict | None:
+    """The phrasings=views options taken out of `params` (None when phrasings is canonical)."""
+    opts = {k: params.pop(k, v) for k, v in _VIEW_KEYS.items()}
+    if opts["phrasings"] not in ("canonical", "views"):
+        raise InputError(f"--facts {text}: phrasings={opts['phrasings']!r}; choose canonical or views")
+    for key in ("train_per_fact", "heldout_per_fact", "unknown_per_fact"):
+        if isinstance(opts[key], str):
+            try:
+                opts[key] = int(opts[key])
+            except ValueError:
+                raise InputError(f"--facts {text}: {key}={opts[key]!r} must be an integer") from None
+            if opts[key] < 0:
+                raise InputError(f"--facts {text}: {key}={opts[key]} must be >= 0")
+    if opts["phrasings"] == "canonical":
+        extra = [k for k, v in opts.items() if k != "phrasings" and v != _VIEW_KEYS[k]]
+        if extra:
+            raise InputError(f"--facts {text}: {', '.join(extra)} needs phrasings=views")
+        return None
+    return opts
+
+
+def _view_items(taught, unknown, opts: dict, label: str, taught_kind: str = "injected") -> list[FactItem]:
+    from memsurgery.facts.templates import HELDOUT, TRAIN, load_templates
+    from memsurgery.facts.views import probe_items
+
+    table = load_templates(opts["templates"]) if opts["templates"] else None
+    per = {TRAIN: opts["train_per_fact"], HELDOUT: opts["heldout_per_fact"]}
+    records = probe_items(taught, taught_kind, table=table, per_fact=per)
+    records += probe_items(unknown, "unknown", splits=(HELDOUT,), table=table,
+                           per_fact={HELDOUT: opts["unknown_per_fact"]})
+    return from_records(records, label=label)
+
+
 def _load(name: str, params: dict, text: str) -> list[FactItem]:
     """The set `name` with its options `params` (limit taken out); `text` is the whole spec, for messages."""
     if name == "builtin:world":
@@ -110,12 +154,25 @@ def _load(name: str, params: dict, text: str) -> list[FactItem]:
 
         return world_facts()
     if name == "builtin:people":
+        views = _view_options(params, text)
         data = people_factset(name + ("?" + urlencode(params) if params else ""))
-        return from_records(data["facts"], label="builtin:people")
+        if views is None:
+            return from_records(data["facts"], label="builtin:people")
+        from memsurgery.facts.people import Person
+        from memsurgery.facts.views import people_facts
+
+        return _view_items(people_facts([Person(**p) for p in data["people"]]),
+                           people_facts([Person(**p) for p in data["unknown"]]), views, "builtin:people")
     if name.startswith("builtin:"):
         raise InputError(f"--facts {text}: unknown builtin set; choose builtin:world or builtin:people")
+    views = _view_options(params, text)
     if params:
-        raise InputError(f"--facts {text}: a fact file takes only limit=K")
+        raise InputError(f"--facts {text}: a fact file takes only limit=K and the phrasings=views options")
     if name != text and not Path(name).is_file():
         raise InputError(f"--facts {text}: fact file not found; give a JSONL path (options: ?limit=K)")
+    if views is not None:
+        from memsurgery.facts.views import read_fact_records
+
+        taught, unknown = read_fact_records(Path(name))
+        return _view_items(taught, unknown, views, name)
     return read_jsonl(Path(name))

@@ -13,6 +13,9 @@ kind      "known" (real facts the base model may know), "injected" (facts writte
           the memory by training), "unknown" (never trained: answering them is hallucination)
 entity    optional subject string (the person, country, element)
 relation  optional relation name ("capital", "birth_city"); "" when absent
+phrasing  optional name of the wording (memsurgery.facts.templates: "train/completion0",
+          "heldout/question1"); the probe reports trained ("train/...") and held-out
+          ("heldout/...") phrasings apart: reliability vs generalization
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Iterable
 from memsurgery.errors import InputError
 
 KINDS = ("known", "injected", "unknown")
-_FIELDS = {"id", "question", "prompt", "answers", "answer", "kind", "entity", "relation", "meta"}
+_FIELDS = {"id", "question", "prompt", "answers", "answer", "kind", "entity", "relation", "phrasing", "meta"}
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class FactItem:
     prompt: str | None = None
     entity: str | None = None
     relation: str = ""
+    phrasing: str | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -91,8 +95,9 @@ def validate_record(rec: object, where: str, default_id: str, default_kind: str 
         relation = ""
     if not isinstance(relation, str):
         raise InputError(f"{where}: field 'relation' must be a string, got {relation!r}")
+    phrasing = _str_field(rec, "phrasing", where)
     return FactItem(id=fid, answers=tuple(answers), kind=kind, question=question, prompt=prompt,
-                    entity=entity, relation=relation)
+                    entity=entity, relation=relation, phrasing=phrasing)
 
 
 def check_unique(items: Iterable[FactItem], label: str) -> None:
@@ -101,6 +106,19 @@ def check_unique(items: Iterable[FactItem], label: str) -> None:
         if it.id in seen:
             raise InputError(f"{label}: duplicate fact id {it.id!r}; ids must be unique")
         seen.add(it.id)
+
+
+def jsonl_records(lines: list[str], label: str):
+    """(line number, "label:n", parsed record) for every non-blank line of a JSONL file."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{label}:{n}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+        yield n, where, rec
 
 
 def read_jsonl(path: str | Path, default_kind: str | None = None) -> list[FactItem]:
@@ -113,14 +131,7 @@ def read_jsonl(path: str | Path, default_kind: str | None = None) -> list[FactIt
     except (OSError, UnicodeDecodeError) as err:
         raise InputError(f"{path}: cannot read the fact file ({err})") from None
     items = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise InputError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
+    for n, where, rec in jsonl_records(text.splitlines(), str(path)):
         items.append(validate_record(rec, where, default_id=f"{path.name}:{n}", default_kind=default_kind))
     if not items:
         raise InputError(f"{path}: the fact file has no facts")

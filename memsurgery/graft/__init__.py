@@ -1,8 +1,11 @@
 """Grafting: put a shared product-key memory into a dense checkpoint.
 
-`hf` holds the transformers model classes of a grafted checkpoint (the files
-copied next to its weights), `calibration` the calibration text and activation
-capture, `keyinit` the faiss key initialization.
+`api.graft` runs the whole graft (docs/graft.md): `plan` validates what to graft,
+`calibration` reads calibration text and captures what each MLP sees, `surgery`
+builds the grafted model around the dense model's tensors, `keyinit` initializes
+queries and keys from those activations (faiss k-means). The grafted model classes
+live in memsurgery/export/; causal tracing (`--layers auto`) in memsurgery/inspection/;
+replace-mode distillation of the values in memsurgery/train/distill.py.
 """
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import platform
 import time
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,7 +102,7 @@ A dense checkpoint with a shared product-key memory (Memory+) grafted in by
 from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained("{out_name}", trust_remote_code=True)
 # or, with memsurgery installed (fast kernels, sparse value gradients, no remote code):
-import memsurgery.graft.hf as hf; model = hf.load_grafted("{out_name}")
+import memsurgery.export.hf as hf; model = hf.load_grafted("{out_name}")
 ```
 
 `graft.json` holds the full plan, initialization statistics and library versions.
@@ -123,9 +125,7 @@ def graft(
     choose what is grafted. Returns (model, report): the grafted model in eval mode
     and a JSON-serializable report (also saved as OUT/graft.json).
     """
-    from memsurgery.arch import spec_for_config
-    from memsurgery.checkpoint import open_checkpoint
-    from memsurgery.graft import calibration, hf, keyinit
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
     t_start = time.perf_counter()
@@ -134,7 +134,75 @@ def graft(
     fields.update({k: v for k, v in overrides.items() if v is not None})
     plan = build_plan(fields)
 
-    # ---- 1. cheap checks before any weight is loaded
+    src, n_layers, hidden, need = _open_source(ckpt, out, plan, force, allow_pickle)  # 1
+    with _timed(timings, "load"):  # 3
+        base, tokenizer, source_sha = _load_base(src, ckpt, log)
+    with _timed(timings, "layers"):  # 2
+        layers, trace_profile = _choose_layers(plan, base, tokenizer, n_layers, log)
+    log(f"memory layers: {layers}")
+    with _timed(timings, "capture"):  # 4
+        cal = _calibrate(plan, base, tokenizer, layers, log)
+    # Reference logits of the base, before the graft shares its weights.
+    check_ids = cal.heldout_ids[:1, : min(128, cal.heldout_ids.shape[1])]
+    with torch.no_grad():
+        base_logits = base(check_ids).logits
+    mcfg = MemoryConfig.build(slots=plan.slots, heads=plan.heads, knn=plan.knn, k_dim=plan.k_dim,
+                              qk_norm=plan.qk_norm, swilu=plan.swilu, gate=plan.effective_gate,
+                              value_dtype=plan.value_dtype)
+    model = graft_model(base, mcfg, layers, plan.mode)  # 5
+    with _timed(timings, "keys"):  # 6
+        usage, key_info = _init_keys(plan, model, layers, cal, log)
+    with _timed(timings, "values"):  # 7
+        distill_info = _init_values(plan, model, layers, cal, log)
+    model.eval()
+    with _timed(timings, "check"):  # 8
+        check = _check(plan, model, base, check_ids, base_logits, cal.heldout_ids, log)
+
+    report = {
+        "schema": "memsurgery.graft/1",
+        "source": str(Path(ckpt).absolute()),
+        "source_format": src.format,
+        "source_sha256": source_sha,
+        "plan": plan.model_dump(mode="json"),
+        "layers": layers,
+        "mode": plan.mode,
+        "values": plan.effective_values,
+        "gate": plan.effective_gate,
+        "memory_config": mcfg.for_model(hidden).model_dump(mode="json"),
+        "memory_params": sum(p.numel() for p in model.memory_bank.parameters()),
+        "usage": usage,
+        "key_init": key_info,
+        "distill": distill_info,
+        "trace": trace_profile,
+        "check": check,
+        "calibration": {"source": plan.calib or "builtin", "calib_tokens": int(cal.calib_ids.numel()),
+                        "heldout_tokens": int(cal.heldout_ids.numel()), "seq_len": plan.seq_len},
+        "memory_estimate_bytes": need,
+        "versions": _versions(),
+        "seed": plan.seed,
+        "timings": timings,
+    }
+    if out is not None:  # 9
+        _write(Path(out), ckpt, model, tokenizer, plan, layers, report, force, log)
+    timings["total"] = time.perf_counter() - t_start
+    report["timings"] = timings
+    return model, report
+
+
+@contextmanager
+def _timed(timings: dict[str, float], step: str):
+    """Record the seconds the block takes as timings[step]."""
+    t = time.perf_counter()
+    yield
+    timings[step] = time.perf_counter() - t
+
+
+def _open_source(ckpt, out, plan: GraftPlan, force: bool, allow_pickle: bool):
+    """Step 1, cheap checks before any weight is loaded: (checkpoint, layers, hidden, memory estimate)."""
+    from memsurgery.arch import spec_for_config
+    from memsurgery.checkpoint import open_checkpoint
+    from memsurgery.export import hf
+
     if out is not None:
         check_output_dir(Path(out), force)
     src = open_checkpoint(ckpt, allow_pickle=allow_pickle)
@@ -153,11 +221,16 @@ def graft(
         if bad or not plan.layers or len(set(plan.layers)) != len(plan.layers):
             raise InputError(f"--layers {','.join(map(str, plan.layers))}: need distinct layer numbers in "
                              f"[0, {n_layers - 1}] (the model has {n_layers} layers)")
+    return src, n_layers, hidden, _check_ram(ckpt, src, plan, hidden, force)
+
+
+def _check_ram(ckpt, src, plan: GraftPlan, hidden: int, force: bool) -> dict:
+    """The graft's memory estimate; InputError when it exceeds the available RAM (unless force)."""
+    import psutil
+
     n_mem = 3 if not isinstance(plan.layers, list) else len(plan.layers)
     n_params = sum(math_prod(t.shape) for t in src.tensors.values())
     need = estimate_graft_bytes(n_params, plan, hidden, n_mem)
-    import psutil
-
     avail = psutil.virtual_memory().available
     if need["total"] > avail and not force:
         raise InputError(
@@ -166,37 +239,56 @@ def graft(
             f"optimizer {need['optimizer'] / _GiB:.1f}) but {avail / _GiB:.1f} GiB is available; "
             "use fewer --slots, --calib-tokens or --value-dtype bfloat16, or pass --force"
         )
+    return need
 
-    # ---- 3. weights, tokenizer, calibration tokens
-    t = time.perf_counter()
+
+def _load_base(src, ckpt, log):
+    """Step 3: (base model in fp32, tokenizer, SHA-256 of the source weights)."""
     log(f"loading {src.format} checkpoint {src.path}")
     base = src.load_model(dtype=torch.float32)
     tokenizer = src.load_tokenizer()
     if tokenizer is None:
         raise InputError(f"{ckpt}: has no tokenizer; graft needs one to read the calibration text")
-    source_sha = src.weights_sha256()
-    timings["load"] = time.perf_counter() - t
+    return base, tokenizer, src.weights_sha256()
 
-    # ---- 2. layers
-    t = time.perf_counter()
-    trace_profile = None
+
+def _choose_layers(plan: GraftPlan, base, tokenizer, n_layers: int, log) -> tuple[list[int], dict | None]:
+    """Step 2: (memory layers, causal-tracing profile or None): explicit, default or `auto`."""
     if plan.layers == "auto":
-        from memsurgery.graft import trace
+        from memsurgery.inspection import trace
 
         log("choosing layers by causal tracing (--layers auto)")
         facts = trace.load_facts(plan.trace_facts)
-        trace_profile = trace.trace_layers(base, tokenizer, facts, seed=plan.seed, log=log)
-        layers = trace.choose_layers(trace_profile, k=3)
-    elif plan.layers == "default":
+        profile = trace.trace_layers(base, tokenizer, facts, seed=plan.seed, log=log)
+        return trace.choose_layers(profile, k=3), profile
+    if plan.layers == "default":
         from memsurgery.inspection import default_memory_layers
 
-        layers = list(default_memory_layers(n_layers))
-    else:
-        layers = sorted(plan.layers)
-    timings["layers"] = time.perf_counter() - t
-    log(f"memory layers: {layers}")
+        return list(default_memory_layers(n_layers)), None
+    return sorted(plan.layers), None
 
-    t = time.perf_counter()
+
+@dataclass
+class _Calibration:
+    """Step 4's token windows and what each memory layer's MLP saw on them."""
+
+    calib_ids: torch.Tensor  # [n, T]
+    heldout_ids: torch.Tensor  # [m, T], disjoint from calib_ids
+    calib_acts: dict  # {layer: inputs [N, d]}, or (inputs, outputs) when distilling
+    heldout_acts: dict
+    with_outputs: bool
+
+    def inputs(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(calibration, held-out) MLP inputs of one layer."""
+        if self.with_outputs:
+            return self.calib_acts[layer][0], self.heldout_acts[layer][0]
+        return self.calib_acts[layer], self.heldout_acts[layer]
+
+
+def _calibrate(plan: GraftPlan, base, tokenizer, layers: list[int], log) -> _Calibration:
+    """Step 4: calibration and held-out windows; each layer's MLP input (and output, to distill)."""
+    from memsurgery.graft import calibration
+
     texts = calibration.load_texts(plan.calib, field=plan.calib_field)
     calib_ids, heldout_ids = calibration.calibration_split(
         tokenizer, texts, plan.calib_tokens, plan.heldout_tokens, seq_len=plan.seq_len, seed=plan.seed)
@@ -205,28 +297,21 @@ def graft(
         f"{heldout_ids.numel():,} held-out tokens")
     calib_acts = calibration.capture_mlp_inputs(base, layers, calib_ids, with_outputs=distill)
     heldout_acts = calibration.capture_mlp_inputs(base, layers, heldout_ids, with_outputs=distill)
-    timings["capture"] = time.perf_counter() - t
+    return _Calibration(calib_ids, heldout_ids, calib_acts, heldout_acts, distill)
 
-    # Reference logits / perplexity of the base, before the graft shares its weights.
-    check_ids = heldout_ids[:1, : min(128, heldout_ids.shape[1])]
-    with torch.no_grad():
-        base_logits = base(check_ids).logits
 
-    # ---- 5. the grafted model
-    mcfg = MemoryConfig.build(slots=plan.slots, heads=plan.heads, knn=plan.knn, k_dim=plan.k_dim,
-                              qk_norm=plan.qk_norm, swilu=plan.swilu, gate=plan.effective_gate,
-                              value_dtype=plan.value_dtype)
-    model = hf.graft_model(base, mcfg, layers, plan.mode)
+def _init_keys(plan: GraftPlan, model, layers: list[int], cal: _Calibration, log) -> tuple[dict, dict]:
+    """Step 6, per layer: reference init -> usage on held-out (the "random" column); query
+    init + faiss k-means sub-keys -> usage again (the "faiss" column). (usage, key-init info)."""
+    from memsurgery.export import hf
+    from memsurgery.graft import keyinit
+
     mem = hf.memory_layers(model)
-
-    # ---- 6. keys
-    t = time.perf_counter()
     usage: dict[str, dict] = {}
     key_info: dict[str, dict] = {}
     for i, L in enumerate(layers):
         layer = mem[L]
-        x_cal = calib_acts[L][0] if distill else calib_acts[L]
-        x_held = heldout_acts[L][0] if distill else heldout_acts[L]
+        x_cal, x_held = cal.inputs(L)
         torch.manual_seed(plan.seed * 1000 + i)
         layer.reset_parameters()
         usage[str(L)] = {"random": keyinit.measure_usage(layer, x_held), "faiss": None}
@@ -239,12 +324,15 @@ def graft(
         u = usage[str(L)]
         log(f"layer {L}: slots used on held-out tokens: random {u['random']['pct_used']:.2f}%"
             + (f", faiss {u['faiss']['pct_used']:.2f}%" if u["faiss"] else ""))
-    timings["keys"] = time.perf_counter() - t
+    return usage, key_info
 
-    # ---- 7. values
-    t = time.perf_counter()
+
+def _init_values(plan: GraftPlan, model, layers: list[int], cal: _Calibration, log) -> dict:
+    """Step 7: zero values (parallel: the function is preserved), random, or distilled. Distill info."""
+    from memsurgery.export import hf
+
+    mem = hf.memory_layers(model)
     values_mode = plan.effective_values
-    distill_info = {}
     with torch.no_grad():
         if values_mode == "zero":
             model.memory_bank.values.zero_()
@@ -255,80 +343,55 @@ def graft(
                 # Random rows must not change the function: silence the output instead.
                 for layer in mem.values():
                     layer.zero_output_()
-    if values_mode == "distill":
-        from memsurgery.graft.distill import distill_memories
+    if values_mode != "distill":
+        return {}
+    from memsurgery.train.distill import distill_memories
 
-        # One joint fit: the layers share the value table, so fitting them one after
-        # another would let each layer overwrite rows the previous one relied on.
-        log(f"distilling layers {layers} jointly to imitate the removed FFNs ({plan.distill_steps} steps)")
-        res = distill_memories({L: (mem[L], *calib_acts[L]) for L in layers},
-                               steps=plan.distill_steps, seed=plan.seed,
-                               heldout={L: heldout_acts[L] for L in layers}, log=log)
-        distill_info = {k: res[k] for k in ("steps", "seconds", "value_optimizer", "layers") if k in res}
-    timings["values"] = time.perf_counter() - t
-    model.eval()
+    # One joint fit: the layers share the value table, so fitting them one after
+    # another would let each layer overwrite rows the previous one relied on.
+    log(f"distilling layers {layers} jointly to imitate the removed FFNs ({plan.distill_steps} steps)")
+    res = distill_memories({L: (mem[L], *cal.calib_acts[L]) for L in layers},
+                           steps=plan.distill_steps, seed=plan.seed,
+                           heldout={L: cal.heldout_acts[L] for L in layers}, log=log)
+    return {k: res[k] for k in ("steps", "seconds", "value_optimizer", "layers") if k in res}
 
-    # ---- 8. checks
-    t = time.perf_counter()
+
+def _check(plan: GraftPlan, model, base, check_ids, base_logits, heldout_ids, log) -> dict[str, Any]:
+    """Step 8: parallel -> logits vs base; replace -> held-out perplexity vs base."""
     check: dict[str, Any] = {}
     with torch.no_grad():
         g_logits = model(check_ids).logits
     check["max_abs_logit_diff_vs_base"] = float((g_logits - base_logits).abs().max())
     if plan.mode == "replace":
-        from memsurgery.graft.distill import perplexity
+        from memsurgery.probe.perplexity import perplexity
 
-        ppl_ids = heldout_ids
-        g_ppl = perplexity(model, ppl_ids)
+        g_ppl = perplexity(model, heldout_ids)
         # The base shares every kept tensor with `model`, and is still intact.
-        b_ppl = perplexity(base, ppl_ids)
+        b_ppl = perplexity(base, heldout_ids)
         check.update(heldout_ppl=g_ppl, base_heldout_ppl=b_ppl, ppl_ratio=g_ppl / b_ppl,
-                     heldout_tokens=int(ppl_ids.numel()))
+                     heldout_tokens=int(heldout_ids.numel()))
         log(f"held-out perplexity {g_ppl:.3f} vs base {b_ppl:.3f} (x{g_ppl / b_ppl:.3f})")
     else:
         log(f"function check: max |logit diff| vs base = {check['max_abs_logit_diff_vs_base']:.2e}")
-    timings["check"] = time.perf_counter() - t
+    return check
 
-    report = {
-        "schema": "memsurgery.graft/1",
-        "source": str(Path(ckpt).absolute()),
-        "source_format": src.format,
-        "source_sha256": source_sha,
-        "plan": plan.model_dump(mode="json"),
-        "layers": layers,
-        "mode": plan.mode,
-        "values": values_mode,
-        "gate": plan.effective_gate,
-        "memory_config": mcfg.for_model(hidden).model_dump(mode="json"),
-        "memory_params": sum(p.numel() for p in model.memory_bank.parameters()),
-        "usage": usage,
-        "key_init": key_info,
-        "distill": distill_info,
-        "trace": trace_profile,
-        "check": check,
-        "calibration": {"source": plan.calib or "builtin", "calib_tokens": int(calib_ids.numel()),
-                        "heldout_tokens": int(heldout_ids.numel()), "seq_len": plan.seq_len},
-        "memory_estimate_bytes": need,
-        "versions": _versions(),
-        "seed": plan.seed,
-        "timings": timings,
-    }
 
-    # ---- 9. write
-    if out is not None:
-        t = time.perf_counter()
-        out = Path(out)
-        log(f"writing {out}")
-        with atomic_output_dir(out, force=force) as tmp:
-            report["timings"]["write"] = 0.0
-            extra = {"graft.json": json.dumps(report, indent=2, default=str) + "\n",
-                     "README.md": _model_card(out.name, str(Path(ckpt).absolute()), plan, layers, report)}
-            hf.save_grafted(model, tmp, tokenizer=tokenizer, extra_files=extra)
-            timings["write"] = time.perf_counter() - t
-            report["timings"] = timings
-            (tmp / "graft.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    timings["total"] = time.perf_counter() - t_start
-    report["timings"] = timings
-    return model, report
+def _write(out: Path, ckpt, model, tokenizer, plan: GraftPlan, layers: list[int], report: dict, force: bool,
+           log) -> None:
+    """Step 9: OUT written atomically: weights, remote code, graft.json, model card."""
+    from memsurgery.export import hf
+
+    timings = report["timings"]
+    t = time.perf_counter()
+    log(f"writing {out}")
+    with atomic_output_dir(out, force=force) as tmp:
+        report["timings"]["write"] = 0.0
+        extra = {"graft.json": json.dumps(report, indent=2, default=str) + "\n",
+                 "README.md": _model_card(out.name, str(Path(ckpt).absolute()), plan, layers, report)}
+        hf.save_grafted(model, tmp, tokenizer=tokenizer, extra_files=extra)
+        timings["write"] = time.perf_counter() - t
+        report["timings"] = timings
+        (tmp / "graft.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
 
 
 def math_prod(shape) -> int:

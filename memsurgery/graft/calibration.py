@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from memsurgery.errors import InputError, one_line
+from memsurgery.hooks import capture_io, run_until_stopped
 
 # ---------------------------------------------------------------- builtin corpus
 
@@ -479,11 +480,6 @@ def calibration_split(
 # ---------------------------------------------------------------- activation capture
 
 
-class _StopForward(Exception):
-    """Raised by a hook after the deepest captured MLP: later layers and the LM head
-    would cost time and compute nothing we keep."""
-
-
 def _model_device(model) -> torch.device:
     for p in model.parameters():
         return p.device
@@ -514,7 +510,8 @@ def capture_mlp_inputs(
     post-MLP norm), which is what a module replacing the MLP must reproduce.
 
     The model runs in eval mode (restored after) and stops after the deepest chosen
-    layer's MLP. Hooks are removed on every exit path.
+    layer's MLP (its input, or its output with with_outputs). Hooks are removed on
+    every exit path.
     """
     from memsurgery.arch import spec_for_config
 
@@ -539,46 +536,30 @@ def capture_mlp_inputs(
     outputs = {i: torch.empty(n, d, dtype=dtype) for i in wanted} if with_outputs else None
     cursor = [0, 0]  # [start, stop) rows of the buffers the current batch fills
 
-    def _store(buf: torch.Tensor, h: torch.Tensor) -> None:
-        start, stop = cursor
-        flat = h.reshape(-1, h.shape[-1])[: stop - start]
-        buf[start:stop].copy_(flat.to(dtype))  # copy_ moves to CPU as well
+    def keep_input(i, h):
+        _store(inputs[i], h, *cursor, dtype)
 
-    def pre_hook(i):
-        def hook(module, args, kwargs):
-            h = args[0] if args else next(iter(kwargs.values()))
-            _store(inputs[i], h)
-
-        return hook
-
-    def post_hook(i):
-        def hook(module, args, kwargs, out):
-            if outputs is not None:
-                _store(outputs[i], out[0] if isinstance(out, tuple) else out)
-            if i == wanted[-1]:
-                raise _StopForward
-
-        return hook
+    def keep_output(i, out):
+        _store(outputs[i], out[0] if isinstance(out, tuple) else out, *cursor, dtype)
 
     device = _model_device(model)
     was_training = model.training
-    handles = []
     try:
         model.eval()
-        for i in wanted:
-            handles.append(mlps[i].register_forward_pre_hook(pre_hook(i), with_kwargs=True))
-            handles.append(mlps[i].register_forward_hook(post_hook(i), with_kwargs=True))
-        for r0 in range(0, rows, batch_size):
-            r1 = min(rows, r0 + batch_size)
-            cursor[0], cursor[1] = r0 * seq_len, min(n, r1 * seq_len)
-            try:
-                model(input_ids=input_ids[r0:r1].to(device), use_cache=False)
-            except _StopForward:
-                pass
+        with capture_io(mlps, outputs=with_outputs, stop_after=wanted[-1], on_input=keep_input,
+                        on_output=keep_output):
+            for r0 in range(0, rows, batch_size):
+                r1 = min(rows, r0 + batch_size)
+                cursor[0], cursor[1] = r0 * seq_len, min(n, r1 * seq_len)
+                run_until_stopped(model, input_ids=input_ids[r0:r1].to(device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
     if outputs is None:
         return inputs
     return {i: (inputs[i], outputs[i]) for i in wanted}
+
+
+def _store(buf: torch.Tensor, h: torch.Tensor, start: int, stop: int, dtype: torch.dtype) -> None:
+    """Rows [start, stop) of a capture buffer from a batch's activations h [b, T, d]."""
+    flat = h.reshape(-1, h.shape[-1])[: stop - start]
+    buf[start:stop].copy_(flat.to(dtype))  # copy_ moves to CPU as well

@@ -122,14 +122,55 @@ def init_query(
 
     Methods:
       "pca"         (default) mean-free whitened projection with the two query halves
-                    reading different information (below). Needs N >= 2.
+                    reading different information (see `_pca_query`). Needs N >= 2.
       "random"      leave the weight as it is (the reference init N(0, d**-0.5) of a
                     fresh layer); returns {"method": "random", "changed": False}.
       "orthogonal"  data-free: each head's [K, d] block has orthonormal rows (or
                     columns when K > d, rescaled to unit row norm); rows have unit
                     norm like the reference init's, but heads are exactly orthogonal.
 
-    The "pca" projection, in three steps.
+    Returns info: method, halves, rank r, explained_variance (share of the mean-free
+    variance in the r components), mean_share (|mu|^2 / E|x|^2: how much of the
+    activation energy the shared mean carries), between_share_half1 (split only:
+    share of the between-cluster variance in half 1's directions), whiten,
+    project_mean, tokens.
+    """
+    if method not in QUERY_METHODS:
+        raise InputError(f"query init {method!r} is unknown; use one of {', '.join(QUERY_METHODS)}")
+    if method == "random":
+        return {"method": "random", "changed": False}
+    gen = torch.Generator().manual_seed(int(seed))
+    if method == "orthogonal":
+        _orthogonal_query(layer, gen)
+        return {"method": "orthogonal", "changed": True}
+
+    _check_acts(layer, acts, "init_query")
+    if acts.shape[0] < 2:
+        raise InputError(
+            f"init_query: 'pca' needs at least 2 activation vectors, got {acts.shape[0]}"
+        )
+    if not 0.0 <= whiten <= 1.0:
+        raise InputError(f"init_query: whiten={whiten} must be in [0, 1] (1 = full whitening)")
+    if halves not in ("split", "mixed"):
+        raise InputError(f"init_query: halves={halves!r} must be 'split' or 'mixed'")
+    return _pca_query(layer, acts, gen, halves=halves, whiten=whiten, rank=rank,
+                      project_mean=project_mean, split_points=split_points)
+
+
+def _orthogonal_query(layer: ProductKeyMemory, gen: torch.Generator) -> None:
+    H, K, d = layer.heads, layer.k_dim, layer.input_dim
+    blocks = []
+    for _ in range(H):
+        block = _random_orthogonal(K, d, gen)  # [K, d]
+        if K > d:  # orthonormal columns: rows have norm sqrt(d/K); bring them to 1
+            block = block * math.sqrt(K / d)
+        blocks.append(block)
+    layer.query.weight.copy_(torch.cat(blocks).to(layer.query.weight.dtype))
+
+
+def _pca_query(layer: ProductKeyMemory, acts: torch.Tensor, gen: torch.Generator, *, halves: str,
+               whiten: float, rank: int | None, project_mean: bool, split_points: int) -> dict:
+    """The "pca" query, in three steps.
 
     1. Mean. W_q has no bias, so a shared mean mu of the activations passes into every
        query as the constant W_q mu; under qk_norm a large mu makes all queries point
@@ -155,46 +196,42 @@ def init_query(
     directions down to K/2 dims, so heads differ. W_q is finally scaled so q
     elements have unit mean variance on `acts` (the reference regime: unit-RMS
     input, N(0, 1/d) weights; under qk_norm the scale does not change the forward).
-
-    Returns info: method, halves, rank r, explained_variance (share of the mean-free
-    variance in the r components), mean_share (|mu|^2 / E|x|^2: how much of the
-    activation energy the shared mean carries), between_share_half1 (split only:
-    share of the between-cluster variance in half 1's directions), whiten,
-    project_mean, tokens.
     """
-    if method not in QUERY_METHODS:
-        raise InputError(f"query init {method!r} is unknown; use one of {', '.join(QUERY_METHODS)}")
-    if method == "random":
-        return {"method": "random", "changed": False}
-
-    H, K, d = layer.heads, layer.k_dim, layer.input_dim
-    K2 = K // 2
-    gen = torch.Generator().manual_seed(int(seed))
-    weight = layer.query.weight
-
-    if method == "orthogonal":
-        blocks = []
-        for _ in range(H):
-            block = _random_orthogonal(K, d, gen)  # [K, d]
-            if K > d:  # orthonormal columns: rows have norm sqrt(d/K); bring them to 1
-                block = block * math.sqrt(K / d)
-            blocks.append(block)
-        weight.copy_(torch.cat(blocks).to(weight.dtype))
-        return {"method": "orthogonal", "changed": True}
-
-    _check_acts(layer, acts, "init_query")
-    if acts.shape[0] < 2:
-        raise InputError(
-            f"init_query: 'pca' needs at least 2 activation vectors, got {acts.shape[0]}"
-        )
-    if not 0.0 <= whiten <= 1.0:
-        raise InputError(f"init_query: whiten={whiten} must be in [0, 1] (1 = full whitening)")
-    if halves not in ("split", "mixed"):
-        raise InputError(f"init_query: halves={halves!r} must be 'split' or 'mixed'")
-
+    H, K = layer.heads, layer.k_dim
     mu, second = _second_moments(acts)  # [d], [d, d]
     energy = torch.trace(second).item()
     mu_norm2 = float(mu @ mu)
+    to_z, lam = _whitening(mu, second, mu_norm2, K, rank=rank, whiten=whiten, project_mean=project_mean)
+    r = to_z.shape[0]
+    info = {"method": "pca", "changed": True, "halves": halves, "rank": r}
+    parts = None
+    if halves == "split":
+        parts, info["between_share_half1"] = _split_halves(layer, acts, to_z, gen, split_points)
+    blocks = []
+    for _ in range(H):
+        if parts is None:
+            blocks.append(_random_orthogonal(K, r, gen) @ to_z)  # [K, d]
+        else:
+            blocks += [_random_orthogonal(K // 2, p.shape[0], gen) @ p for p in parts]  # 2 x [K2, d]
+    w = torch.cat(blocks)  # [H*K, d]
+    # Unit mean variance of the query elements over the data: E[(w x)^2] = w S w^T.
+    q_var = torch.einsum("kd,de,ke->", w, second, w).item() / w.shape[0]
+    w = w / math.sqrt(q_var)
+    layer.query.weight.copy_(w.to(layer.query.weight.dtype))
+    info.update(
+        explained_variance=float(lam[:r].sum() / lam.sum()),
+        mean_share=mu_norm2 / energy if energy > 0 else 0.0,
+        whiten=whiten,
+        project_mean=project_mean,
+        tokens=int(acts.shape[0]),
+    )
+    return info
+
+
+def _whitening(mu, second, mu_norm2: float, K: int, *, rank: int | None, whiten: float,
+               project_mean: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Steps 1 and 2 of `_pca_query`: (to_z [r, d] with z = to_z x, eigenvalues of cov(P x))."""
+    d = mu.shape[0]
     if project_mean and mu_norm2 > 0:
         mu_hat = mu / math.sqrt(mu_norm2)
         proj = torch.eye(d, dtype=torch.float64) - torch.outer(mu_hat, mu_hat)  # P
@@ -210,46 +247,27 @@ def init_query(
             "init_query: the activations vary in fewer than 2 directions (identical tokens?)"
         )
     r = min(rank or (3 * K + 1) // 2, usable)
-    to_z = (vec[:, :r] * lam[:r].pow(-whiten / 2)).T @ proj  # [r, d]: z = to_z x
+    return (vec[:, :r] * lam[:r].pow(-whiten / 2)).T @ proj, lam
 
-    info = {"method": "pca", "changed": True, "halves": halves, "rank": r}
-    if halves == "split":
-        m = min(acts.shape[0], split_points)
-        pick = torch.randperm(acts.shape[0], generator=gen)[:m]
-        z = (acts[pick].to(dtype=torch.float64, device="cpu") @ to_z.T).float()  # [M, r]
-        k = max(2, min(layer.n_sub, m // 32))
-        labels = _kmeans_labels(z, k, iters=8, gen=gen)
-        counts = torch.bincount(labels, minlength=k).double()
-        means = torch.zeros(k, r, dtype=torch.float64).index_add_(0, labels, z.double())
-        means = means / counts.clamp_min(1)[:, None] - z.double().mean(0)
-        between = (means.T * counts) @ means / m  # [r, r] between-cluster covariance of z
-        b_lam, b_vec = torch.linalg.eigh(between)
-        b_lam, b_vec = b_lam.flip(0).clamp_min(0), b_vec.flip(1)
-        dirs = b_vec.T @ to_z  # [r, d], most cluster-separating first
-        r1 = (r + 1) // 2
-        parts = (dirs[:r1], dirs[r1:])
-        info["between_share_half1"] = float(b_lam[:r1].sum() / b_lam.sum().clamp_min(1e-30))
-    else:
-        parts = None
-    blocks = []
-    for _ in range(H):
-        if parts is None:
-            blocks.append(_random_orthogonal(K, r, gen) @ to_z)  # [K, d]
-        else:
-            blocks += [_random_orthogonal(K2, p.shape[0], gen) @ p for p in parts]  # 2 x [K2, d]
-    w = torch.cat(blocks)  # [H*K, d]
-    # Unit mean variance of the query elements over the data: E[(w x)^2] = w S w^T.
-    q_var = torch.einsum("kd,de,ke->", w, second, w).item() / w.shape[0]
-    w = w / math.sqrt(q_var)
-    weight.copy_(w.to(weight.dtype))
-    info.update(
-        explained_variance=float(lam[:r].sum() / lam.sum()),
-        mean_share=mu_norm2 / energy if energy > 0 else 0.0,
-        whiten=whiten,
-        project_mean=project_mean,
-        tokens=int(acts.shape[0]),
-    )
-    return info
+
+def _split_halves(layer: ProductKeyMemory, acts, to_z, gen: torch.Generator, split_points: int):
+    """Step 3 of `_pca_query`, halves="split": ((half 1 directions, half 2 directions) [r_j, d],
+    share of the between-cluster variance in half 1)."""
+    r = to_z.shape[0]
+    m = min(acts.shape[0], split_points)
+    pick = torch.randperm(acts.shape[0], generator=gen)[:m]
+    z = (acts[pick].to(dtype=torch.float64, device="cpu") @ to_z.T).float()  # [M, r]
+    k = max(2, min(layer.n_sub, m // 32))
+    labels = _kmeans_labels(z, k, iters=8, gen=gen)
+    counts = torch.bincount(labels, minlength=k).double()
+    means = torch.zeros(k, r, dtype=torch.float64).index_add_(0, labels, z.double())
+    means = means / counts.clamp_min(1)[:, None] - z.double().mean(0)
+    between = (means.T * counts) @ means / m  # [r, r] between-cluster covariance of z
+    b_lam, b_vec = torch.linalg.eigh(between)
+    b_lam, b_vec = b_lam.flip(0).clamp_min(0), b_vec.flip(1)
+    dirs = b_vec.T @ to_z  # [r, d], most cluster-separating first
+    r1 = (r + 1) // 2
+    return (dirs[:r1], dirs[r1:]), float(b_lam[:r1].sum() / b_lam.sum().clamp_min(1e-30))
 
 
 # ------------------------------------------------------------------------------ keys
@@ -316,8 +334,53 @@ def init_keys_faiss(
     """
     faiss = _require_faiss()
     _check_acts(layer, acts, "init_keys_faiss")
-    H, K2, n_sub = layer.heads, layer.k_dim // 2, layer.n_sub
-    n = acts.shape[0]
+    acts = _key_points(layer, acts, seed, max_points, log)
+    n, n_sub = acts.shape[0], layer.n_sub
+    use_gpu = _use_gpu(faiss, gpu)
+    if log is not None:
+        log(
+            f"key init: faiss k-means on {'GPU' if use_gpu else 'CPU'}, {n} points, {n_sub} centroids"
+        )
+
+    t0 = time.perf_counter()
+    halves = _cpu_query_halves(layer, acts)  # [N, H, 2, K2]
+    threads_before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+    per_half = []
+    scales = []  # per head: keys = centroids * scale
+    spherical = bool(layer.config.qk_norm)
+    target_norm = math.sqrt((layer.k_dim // 2) / (3.0 * layer.k_dim))  # RMS norm of a U(+-1/sqrt(K)) sub-key
+    try:
+        for h in range(layer.heads):
+            cents = []
+            for j in range(2):
+                c, stats = _kmeans_half(faiss, halves[:, h, j], n_sub, niter, int(seed) * 1000 + 2 * h + j,
+                                        spherical, use_gpu)
+                per_half.append({"head": h, "half": j, **stats})
+                cents.append(c)
+            c2 = torch.stack(cents)  # [2, n_sub, K2]
+            rms_norm = c2.norm(dim=-1).pow(2).mean().sqrt().clamp_min(1e-12)
+            scales.append(float(target_norm / rms_norm))
+            layer.keys[h].copy_((c2 * scales[-1]).to(layer.keys.dtype))
+    finally:
+        faiss.omp_set_num_threads(threads_before)
+    return {
+        "method": "faiss",
+        "points": n,
+        "niter": int(niter),
+        "gpu": use_gpu,
+        "spherical": spherical,
+        "time_s": time.perf_counter() - t0,
+        "key_scale": scales,
+        "per_half": per_half,
+    }
+
+
+def _key_points(layer: ProductKeyMemory, acts: torch.Tensor, seed: int, max_points: int | None,
+                log) -> torch.Tensor:
+    """The activations k-means runs on: at most max_points (default 64 per centroid), a seeded
+    random subset in their original order; InputError below one point per centroid."""
+    n_sub, n = layer.n_sub, acts.shape[0]
     if n < n_sub:
         raise InputError(
             f"key init needs at least n_sub={n_sub} activation vectors (one per centroid), got {n}; "
@@ -338,77 +401,51 @@ def init_keys_faiss(
         log(
             f"key init: {n} points for {n_sub} centroids (< 39 per centroid); centroids may be noisy"
         )
-    use_gpu = _use_gpu(faiss, gpu)
-    if log is not None:
-        log(
-            f"key init: faiss k-means on {'GPU' if use_gpu else 'CPU'}, {n} points, {n_sub} centroids"
-        )
+    return acts
 
-    t0 = time.perf_counter()
+
+def _cpu_query_halves(layer: ProductKeyMemory, acts: torch.Tensor) -> torch.Tensor:
+    """query_halves over all points in chunks: [N, H, 2, K/2] fp32 on CPU, for faiss."""
+    n = acts.shape[0]
     device = layer.query.weight.device
-    halves = torch.empty(n, H, 2, K2, dtype=torch.float32)  # [N, H, 2, K2] on CPU for faiss
+    halves = torch.empty(n, layer.heads, 2, layer.k_dim // 2, dtype=torch.float32)
     for i in range(0, n, 8192):
         x = acts[i : i + 8192].to(device=device, dtype=layer.query.weight.dtype)
         halves[i : i + x.shape[0]] = query_halves(layer, x).float().cpu()
+    return halves
 
-    threads_before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
-    per_half = []
-    scales = []  # per head: keys = centroids * scale
-    spherical = bool(layer.config.qk_norm)
-    target_norm = math.sqrt(K2 / (3.0 * layer.k_dim))  # RMS norm of a U(+-1/sqrt(K)) sub-key
-    try:
-        for h in range(H):
-            cents = []
-            for j in range(2):
-                data = halves[:, h, j].contiguous()
-                if spherical:
-                    # Unit L2 instead of unit RMS: the same directions (RMS norm is L2
-                    # norm / sqrt(K/2)), so the same clustering, and faiss's objective
-                    # (inner products with unit centroids) is then a mean cosine.
-                    data = data * (K2**-0.5)
-                data = data.numpy()
-                km = faiss.Kmeans(
-                    K2,
-                    n_sub,
-                    niter=int(niter),
-                    seed=int(seed) * 1000 + 2 * h + j,
-                    spherical=spherical,
-                    gpu=use_gpu,
-                    verbose=False,
-                    # Use exactly the points given (we subsampled already) and silence
-                    # faiss's own "too few points" print (we log it above).
-                    max_points_per_centroid=math.ceil(n / n_sub) + 1,
-                    min_points_per_centroid=1,
-                )
-                km.train(data)
-                c = torch.from_numpy(km.centroids.copy())  # [n_sub, K2]
-                _, assign = km.index.search(data, 1)
-                sizes = torch.bincount(torch.from_numpy(assign[:, 0]).long(), minlength=n_sub)
-                per_half.append(
-                    {
-                        "head": h,
-                        "half": j,
-                        "obj": float(km.obj[-1]) / n if len(km.obj) else float("nan"),
-                        "empty": int((sizes == 0).sum().item()),
-                    }
-                )
-                cents.append(c)
-            c2 = torch.stack(cents)  # [2, n_sub, K2]
-            rms_norm = c2.norm(dim=-1).pow(2).mean().sqrt().clamp_min(1e-12)
-            scales.append(float(target_norm / rms_norm))
-            layer.keys[h].copy_((c2 * scales[-1]).to(layer.keys.dtype))
-    finally:
-        faiss.omp_set_num_threads(threads_before)
-    return {
-        "method": "faiss",
-        "points": n,
-        "niter": int(niter),
-        "gpu": use_gpu,
-        "spherical": spherical,
-        "time_s": time.perf_counter() - t0,
-        "key_scale": scales,
-        "per_half": per_half,
+
+def _kmeans_half(faiss, half: torch.Tensor, n_sub: int, niter: int, seed: int, spherical: bool,
+                 use_gpu: bool) -> tuple[torch.Tensor, dict]:
+    """faiss k-means on one head's half [N, K2]: (centroids [n_sub, K2], {"obj", "empty"})."""
+    n, k2 = half.shape
+    data = half.contiguous()
+    if spherical:
+        # Unit L2 instead of unit RMS: the same directions (RMS norm is L2
+        # norm / sqrt(K/2)), so the same clustering, and faiss's objective
+        # (inner products with unit centroids) is then a mean cosine.
+        data = data * (k2**-0.5)
+    data = data.numpy()
+    km = faiss.Kmeans(
+        k2,
+        n_sub,
+        niter=int(niter),
+        seed=int(seed),
+        spherical=spherical,
+        gpu=use_gpu,
+        verbose=False,
+        # Use exactly the points given (we subsampled already) and silence
+        # faiss's own "too few points" print (we log it above).
+        max_points_per_centroid=math.ceil(n / n_sub) + 1,
+        min_points_per_centroid=1,
+    )
+    km.train(data)
+    c = torch.from_numpy(km.centroids.copy())  # [n_sub, K2]
+    _, assign = km.index.search(data, 1)
+    sizes = torch.bincount(torch.from_numpy(assign[:, 0]).long(), minlength=n_sub)
+    return c, {
+        "obj": float(km.obj[-1]) / n if len(km.obj) else float("nan"),
+        "empty": int((sizes == 0).sum().item()),
     }
 
 

@@ -14,6 +14,7 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from memsurgery import _validators as check
 from memsurgery.errors import InputError, one_line
 from memsurgery.memory.config import parse_slots
 
@@ -71,12 +72,7 @@ class GraftPlan(BaseModel):
             raise ValueError("must be positive")
         return v
 
-    @field_validator("distill_steps")
-    @classmethod
-    def _nonneg(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
+    _nonneg = field_validator("distill_steps")(check.non_negative)
 
     # ---- derived -------------------------------------------------------------
 

@@ -10,7 +10,7 @@ Per token x [d] (N tokens, H heads, K = k_dim, K2 = K/2, knn picks, V = v_dim):
     out        = W_o(bag * silu(W_g x))   if swilu else W_o(bag)         [N, d]
     out       *= sigmoid(w_r . x + b_r)   if gate == "relevance"
 
-The value table is NOT a submodule of the layer (see values.py / MemoryBank): the
+The value table is NOT a submodule of the layer (see values.py and bank.py): the
 layer keeps a plain reference, so a model with one table and several layers stores
 and optimizes the table once. Math, init and design notes: docs/memory-layer.md.
 """
@@ -78,6 +78,9 @@ class ProductKeyMemory(nn.Module):
         self.sparse_grad = True
         self.backend = "auto"  # memsurgery.ops.embedding_bag backend
         self.record = False
+        # Training only (data.memory_positions: entity): a [...] mask of the tokens at which
+        # the layer may act; its output is zero elsewhere. None = every token.
+        self.token_mask: torch.Tensor | None = None
         self.last_indices: torch.Tensor | None = None
         self.last_scores: torch.Tensor | None = None
         self.last_gate: torch.Tensor | None = None
@@ -186,6 +189,8 @@ class ProductKeyMemory(nn.Module):
                 x2 @ self.gate_weight.to(x2.dtype) + self.gate_bias.to(x2.dtype)
             )  # [N]
             out = out * gate.unsqueeze(-1)
+        if self.token_mask is not None:
+            out = out * self.token_mask.reshape(n, 1).to(out.dtype)
 
         if self.record:
             self.last_indices = indices.detach().reshape(*lead, self.heads, self.knn)

@@ -13,10 +13,10 @@ bound, so the function wins the attribute. Import submodules with `from`:
 the function), nor do dotted strings for `mock.patch` through that name.
 """
 
+from memsurgery.errors import BackendUnavailable
 from memsurgery.ops.dispatch import (
     BACKENDS,
     ENV_VAR,
-    BackendUnavailable,
     embedding_bag,
     resolve_backend,
     triton_available,

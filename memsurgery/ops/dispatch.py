@@ -20,18 +20,12 @@ import os
 
 import torch
 
-from memsurgery.errors import RuntimeFailure
+from memsurgery.errors import BackendUnavailable
 from memsurgery.ops.embedding_bag.naive import embedding_bag_naive
 from memsurgery.ops.embedding_bag.sparse import embedding_bag_sparse
 
 BACKENDS = ("auto", "torch", "triton", "naive")
 ENV_VAR = "MEMSURGERY_EMBEDDING_BAG_BACKEND"
-
-
-class BackendUnavailable(RuntimeFailure, RuntimeError):
-    """The requested backend cannot run here (triton missing, or CPU tensors without
-    TRITON_INTERPRET=1). A RuntimeError for plain-Python callers, a RuntimeFailure
-    (exit 1, one line) for the CLI."""
 
 
 @functools.lru_cache(maxsize=1)

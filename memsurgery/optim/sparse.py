@@ -49,6 +49,14 @@ _CHUNK_ELEMENTS = 256 << 10
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def _closure_loss(closure):
+    """torch.optim's closure convention: re-evaluate the loss (with grad) when one is given."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def _dtype_name(dtype: str | torch.dtype | None) -> str | None:
     if dtype is None:
         return None
@@ -196,10 +204,7 @@ class SparseRowAdam(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
@@ -326,10 +331,7 @@ class SparseRowSGD(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _closure_loss(closure)
         for group in self.param_groups:
             lr = group["lr"]
             for p in group["params"]:

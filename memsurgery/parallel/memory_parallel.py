@@ -51,7 +51,8 @@ from torch import nn
 
 from memsurgery.errors import InputError
 from memsurgery.memory.config import MemoryConfig
-from memsurgery.memory.values import MemoryBank, SharedValueTable
+from memsurgery.memory.bank import MemoryBank
+from memsurgery.memory.values import SharedValueTable
 from memsurgery.ops import embedding_bag
 
 # Column-seeded init generates this many fp32 values per block (bounds the transient).

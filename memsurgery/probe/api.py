@@ -40,7 +40,7 @@ def _resolve_dir(path: Path) -> Path:
 
 def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, info) for a grafted or dense HF directory, a run dir, or a GGUF file."""
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     src = _resolve_dir(Path(path))
     if not src.exists():
@@ -114,6 +114,7 @@ def _score(item: FactItem, set_name: str, template: str, gen, abstain_logprob: f
     em, f1 = M.score_answer(gen.answer, item.answers)
     row = {
         "id": item.id, "set": set_name, "kind": item.kind, "relation": item.relation, "entity": item.entity,
+        "phrasing": item.phrasing,
         "template": template, "prompt": gen.prompt, "answers": list(item.answers),
         "generation": gen.answer, "raw": gen.raw,
         "exact_match": em, "f1": f1,
@@ -122,31 +123,70 @@ def _score(item: FactItem, set_name: str, template: str, gen, abstain_logprob: f
         "confidence": math.exp(gen.logprob_sum),
     }
     if gen.memory is not None:
-        row["signals"] = gen.memory["signals"]
-        row["slots"] = gen.memory["slots"]
+        for key in ("signals", "slots", "residual"):  # residual: popped before anything is written
+            if key in gen.memory:
+                row[key] = gen.memory[key]
     return row
 
 
+class _Captures:
+    """Several prompt-pass captures driven as one (generate() takes a single capture)."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+
+    def __enter__(self):
+        for p in self.parts:
+            p.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.parts:
+            p.__exit__(*exc)
+
+    def set_active(self, on: bool) -> None:
+        for p in self.parts:
+            p.set_active(on)
+
+    def collect(self, attention_mask, entity_mask=None) -> list[dict]:
+        merged = [dict() for _ in range(attention_mask.shape[0])]
+        for p in self.parts:
+            for row, got in zip(merged, p.collect(attention_mask, entity_mask)):
+                row.update(got)
+        return merged
+
+
 def evaluate(model, tokenizer, items: list[FactItem], *, set_name: str = "custom", template: str = "auto",
-             max_new_tokens: int = 12, batch_size: int = 16, stops=DEFAULT_STOPS, signals: bool = True,
-             reference_values: torch.Tensor | None = None, abstain_logprob: float | None = None):
-    """(samples, telemetry or None): every item under the template(s), scored."""
-    from memsurgery.graft import hf
+             max_new_tokens: int = 12, batch_size: int = 64, stops=DEFAULT_STOPS, signals: bool = True,
+             reference_values: torch.Tensor | None = None, abstain_logprob: float | None = None,
+             residual_layer: int | None = None):
+    """(samples, telemetry or None): every item under the template(s), scored.
+
+    `residual_layer`: also keep each item's residual stream after that decoder layer,
+    averaged over the entity's tokens (row["residual"], for the linear probe)."""
+    from memsurgery.export import hf
 
     jobs = [(it, t, p) for it in items for t, p in render_prompts(it, template)]
-    capture = None
+    memory = None
+    parts = []
     if signals and hf.is_grafted_model(model):
         from memsurgery.probe.signals import MemoryCapture
 
-        capture = MemoryCapture(model, reference=reference_values)
-    if capture is not None:
-        with capture:
-            gens = generate(model, tokenizer, [p for _, _, p in jobs], max_new_tokens=max_new_tokens,
-                            stops=stops, batch_size=batch_size, capture=capture,
-                            entities=[it.entity for it, _, _ in jobs])
+        memory = MemoryCapture(model, reference=reference_values)
+        parts.append(memory)
+    if residual_layer is not None:
+        from memsurgery.probe.linear import ResidualCapture
+
+        parts.append(ResidualCapture(model, residual_layer))
+    prompts = [p for _, _, p in jobs]
+    if parts:
+        with _Captures(parts) as capture:
+            gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stops=stops,
+                            batch_size=batch_size, capture=capture, entities=[it.entity for it, _, _ in jobs])
     else:
-        gens = generate(model, tokenizer, [p for _, _, p in jobs], max_new_tokens=max_new_tokens,
-                        stops=stops, batch_size=batch_size)
+        gens = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, stops=stops,
+                        batch_size=batch_size)
+    capture = memory
     samples = [_score(it, set_name, t, g, abstain_logprob) for (it, t, _), g in zip(jobs, gens)]
     telemetry = None
     if capture is not None:
@@ -238,12 +278,25 @@ def signal_report(samples: list[dict], primary: str | None = None, keep: float =
         means = {k: (sum(v) / len(v) if v and not any(math.isnan(x) for x in v) else None) for k, v in vals.items()}
         out["signals"][name] = {"auroc_injected_vs_unknown": au, "mean": means}
     out["abstention"] = _memory_abstention(with_sig, primary, keep)
+    # Question-form prompts alone (held-out questions of injected vs unknown entities):
+    # the form a user asks in, where a last-token signal cannot lean on trained wordings.
+    from memsurgery.probe.knowledge import is_question
+
+    q_pos, q_neg = [s for s in pos if is_question(s)], [s for s in neg if is_question(s)]
+    if q_pos and q_neg:
+        for name in names:
+            out["signals"][name]["auroc_questions"] = M.auroc([s["signals"][name] for s in q_pos + q_neg],
+                                                              [1] * len(q_pos) + [0] * len(q_neg))
+        out["abstention_questions"] = _memory_abstention(q_pos + q_neg, primary, keep)
     return out
 
 
-def _memory_abstention(samples: list[dict], name: str, keep: float) -> dict:
-    """Abstain when the primary signal < t, t keeping >= `keep` of correctly answered injected items."""
-    inj_ok = [s["signals"].get(name, float("nan")) for s in samples if s["kind"] == "injected" and s["exact_match"]]
+def _memory_abstention(samples: list[dict], name: str, keep: float, score=None) -> dict:
+    """Abstain when the primary signal < t, t keeping >= `keep` of correctly answered injected items.
+
+    `score(sample)`: the score to threshold (default: the sample's signal `name`)."""
+    score = score or (lambda s: s["signals"].get(name, float("nan")))
+    inj_ok = [score(s) for s in samples if s["kind"] == "injected" and s["exact_match"]]
     unk = [s for s in samples if s["kind"] == "unknown"]
     if not inj_ok or not unk:
         return {"signal": name, "threshold": None,
@@ -252,19 +305,47 @@ def _memory_abstention(samples: list[dict], name: str, keep: float) -> dict:
     if t is None:
         return {"signal": name, "threshold": None, "note": f"signal {name} is undefined (NaN) for this model"}
     def wrong(s, use):  # attempted and not correct
-        kept = not use or s["signals"].get(name, float("nan")) >= t
+        kept = not use or score(s) >= t
         return kept and not s["abstained"] and not s["exact_match"]
     inj = [s for s in samples if s["kind"] == "injected"]
     return {
         "signal": name, "threshold": t, "keep_target": keep,
         "injected_correct_kept": sum(v >= t for v in inj_ok) / len(inj_ok),
         "injected_accuracy_before": sum(s["exact_match"] for s in inj) / len(inj),
-        "injected_accuracy_after": sum(s["exact_match"] and s["signals"].get(name, float("nan")) >= t
-                                       for s in inj) / len(inj),
+        "injected_accuracy_after": sum(s["exact_match"] and score(s) >= t for s in inj) / len(inj),
         "unknown_attempted_wrong_before": sum(wrong(s, False) for s in unk) / len(unk),
         "unknown_attempted_wrong_after": sum(wrong(s, True) for s in unk) / len(unk),
         "n_unknown": len(unk),
     }
+
+
+def residual_probe(samples: list[dict], layer: int | None, keep: float = 0.95) -> dict | None:
+    """Logistic-regression probe on the residual stream (injected vs unknown entity), grouped CV.
+
+    Pops every row's "residual" vector (never written). Reported on all prompts and on
+    question-form prompts, each with the keep-`keep` abstention on its out-of-fold score."""
+    from memsurgery.probe.knowledge import is_question
+    from memsurgery.probe.linear import grouped_cv_auroc
+
+    rows = []
+    for s in samples:
+        vec = s.pop("residual", None)
+        if vec is not None and s["kind"] in ("injected", "unknown"):
+            rows.append((s, vec))
+    if layer is None or not rows:
+        return None
+    out: dict[str, Any] = {"layer": layer, "features": "decoder-layer output, mean over the entity's tokens",
+                           "cv": "5 folds grouped by entity"}
+    for part, chosen in (("all", rows), ("questions", [r for r in rows if is_question(r[0])])):
+        if not chosen:
+            continue
+        fit = grouped_cv_auroc(torch.stack([v for _, v in chosen]), [int(s["kind"] == "injected") for s, _ in chosen],
+                               [s.get("entity") or s["id"] for s, _ in chosen])
+        scores = dict(zip((id(s) for s, _ in chosen), fit.pop("scores", [])))
+        fit["abstention"] = (_memory_abstention([s for s, _ in chosen], "residual_probe", keep,
+                                                score=lambda s: scores[id(s)]) if scores else None)
+        out[part] = fit
+    return out
 
 
 def retention_perplexity(model, tokenizer, n_tokens: int = 4096, seq_len: int = 256) -> dict:
@@ -274,7 +355,7 @@ def retention_perplexity(model, tokenizer, n_tokens: int = 4096, seq_len: int = 
     text was never used to initialize the memory.
     """
     from memsurgery.graft.calibration import builtin_corpus, calibration_split
-    from memsurgery.graft.distill import perplexity
+    from memsurgery.probe.perplexity import perplexity
 
     max_pos = getattr(model.config, "max_position_embeddings", None) or seq_len
     seq_len = min(seq_len, int(max_pos))
@@ -283,28 +364,43 @@ def retention_perplexity(model, tokenizer, n_tokens: int = 4096, seq_len: int = 
             "source": "builtin corpus, held-out split (memsurgery/graft/calibration.py)"}
 
 
+def _residual_layer(model, residual_layer) -> int | None:
+    """"auto": the first memory layer of a grafted model (None for a dense one)."""
+    if residual_layer != "auto":
+        return residual_layer
+    from memsurgery.export import hf
+
+    return min(hf.memory_layers(model)) if hf.is_grafted_model(model) else None
+
+
 def _run_one(model, tokenizer, sets, *, template, max_new_tokens, batch_size, signals, reference_values,
-             ppl_tokens, abstain_logprob, primary_signal, log) -> dict:
+             ppl_tokens, abstain_logprob, primary_signal, log, residual_layer="auto") -> dict:
     t0 = time.perf_counter()
     samples: list[dict] = []
     telemetry: dict = {}
+    layer = _residual_layer(model, residual_layer)
     for name, items in sets:
         log(f"probing {len(items)} facts of {name}")
         s, tel = evaluate(model, tokenizer, items, set_name=name, template=template,
                           max_new_tokens=max_new_tokens, batch_size=batch_size, signals=signals,
-                          reference_values=reference_values, abstain_logprob=abstain_logprob)
+                          reference_values=reference_values, abstain_logprob=abstain_logprob,
+                          residual_layer=layer)
         samples += s
         if tel:
             telemetry[name] = tel
     t_gen = time.perf_counter() - t0
-    res = {"summary": summarize(samples), "hallucination": hallucination(samples),
-           "calibration": calibration(samples), "signals": signal_report(samples, primary_signal),
-           "telemetry": telemetry or None}
+    res = {"residual_probe": residual_probe(samples, layer)}  # first: it pops the residual vectors
+    res.update({"summary": summarize(samples), "hallucination": hallucination(samples),
+                "calibration": calibration(samples), "signals": signal_report(samples, primary_signal),
+                "telemetry": telemetry or None})
     if ppl_tokens:
         log(f"held-out perplexity on {ppl_tokens} tokens")
         res["retention"] = retention_perplexity(model, tokenizer, ppl_tokens)
     else:
         res["retention"] = None
+    from memsurgery.probe.knowledge import knowledge
+
+    res["knowledge"] = knowledge(samples, res["retention"])
     res["timings"] = {"generate": t_gen, "total": time.perf_counter() - t0}
     return res, samples
 
@@ -351,9 +447,9 @@ def _lm_eval_sections(res: dict, sets, template: str, max_new_tokens: int, stops
 
 def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None, out=None, *,
               tokenizer=None, baseline_tokenizer=None, limit: int | None = None, template: str = "auto",
-              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 16, ppl_tokens: int = 4096,
+              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
               signals: bool = True, primary_signal: str | None = None, abstain_logprob: float | None = None,
-              force: bool = False, log=lambda msg: None) -> dict:
+              residual_layer: int | str | None = "auto", force: bool = False, log=lambda msg: None) -> dict:
     """Probe a model (and optionally a baseline) on fact sets; write reports to `out` if given.
 
     model_or_path: a model object (then pass `tokenizer`) or a path (grafted/dense HF dir,
@@ -384,13 +480,14 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
 
     model, tokenizer, info = _get(model_or_path, tokenizer, "model")
     kw = dict(template=template, max_new_tokens=max_new_tokens, batch_size=batch_size, signals=signals,
-              ppl_tokens=ppl_tokens, abstain_logprob=abstain_logprob, primary_signal=primary_signal, log=log)
+              ppl_tokens=ppl_tokens, abstain_logprob=abstain_logprob, primary_signal=primary_signal, log=log,
+              residual_layer=residual_layer)
     base_model = None
     if baseline is not None:
         base_model, base_tok, base_info = _get(baseline, baseline_tokenizer or tokenizer, "baseline")
 
     ref = None
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     # Written rows are compared with the baseline's table when it is a graft of the same shape
     # (base = the untrained graft); else with zeros (parallel grafts start with a zero table).
@@ -457,7 +554,7 @@ def explain(model, tokenizer, text: str, top: int = 8, max_new_tokens: int = 12)
 
     A text ending in "?" is asked with the qa template, anything else as a completion.
     """
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
     from memsurgery.probe.signals import MemoryCapture
 
     if not hf.is_grafted_model(model):

@@ -182,7 +182,7 @@ def _generate_batch(model, tokenizer, prompts, max_new_tokens, stops, capture, e
 
 
 def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 12, stops=DEFAULT_STOPS,
-             batch_size: int = 16, capture=None, entities: list[str | None] | None = None) -> list[Generation]:
+             batch_size: int = 64, capture=None, entities: list[str | None] | None = None) -> list[Generation]:
     """Greedy answers for `prompts`, in input order (batched by similar length).
 
     `entities` (one per prompt, or None) marks the entity's tokens for the *_entity memory signals.

@@ -193,6 +193,6 @@ def write_reports(report: dict, samples: list[dict], out: Path, force: bool = Fa
                 fh.write(json.dumps(_clean(s), ensure_ascii=False) + "\n")
         (tmp / "report.md").write_text(render_markdown(clean), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(clean, _clean(samples)), encoding="utf-8")
-        from memsurgery.export import publish_modes
+        from memsurgery._atomic import publish_modes
 
         publish_modes(tmp)

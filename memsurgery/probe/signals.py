@@ -107,6 +107,48 @@ def _out_norm_entity_first(cap: LayerCapture, ctx: CaptureContext) -> torch.Tens
     return _out_norm_entity(cap, ctx)
 
 
+def _entity_last(values: torch.Tensor, ctx: CaptureContext) -> torch.Tensor:
+    """Per-token values [B, T] at each row's last entity token; NaN where a row has none."""
+    if ctx.entity_mask is None:
+        return torch.full((values.shape[0],), float("nan"))
+    m = ctx.entity_mask.to(values.device)
+    pos = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    last = torch.where(m, pos, torch.full_like(pos, -1)).amax(dim=1)
+    got = values.float().gather(1, last.clamp_min(0)[:, None])[:, 0]
+    return torch.where(last >= 0, got, torch.full_like(got, float("nan")))
+
+
+def _entity_min(values: torch.Tensor, ctx: CaptureContext) -> torch.Tensor:
+    """Min of per-token values [B, T] over each row's entity tokens; NaN where a row has none."""
+    if ctx.entity_mask is None:
+        return torch.full((values.shape[0],), float("nan"))
+    return -_entity_max(-values.float(), ctx)
+
+
+def _first_layer_only(fn):
+    """The signal at the lowest memory layer only (NaN elsewhere, so the max over layers is its value)."""
+    def signal(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+        if cap.layer != ctx.first_layer:
+            return torch.full((cap.indices.shape[0],), float("nan"))
+        return fn(cap, ctx)
+    return signal
+
+
+def _out_norm_entity_last(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+    # The name's last token has read the whole name: a first name shared with a taught
+    # person lights up the first token only.
+    if cap.out_norms is None:
+        return torch.full((cap.indices.shape[0],), float("nan"))
+    return _entity_last(cap.out_norms, ctx)
+
+
+def _out_norm_entity_min(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+    # Every token of the name must read written rows.
+    if cap.out_norms is None:
+        return torch.full((cap.indices.shape[0],), float("nan"))
+    return _entity_min(cap.out_norms, ctx)
+
+
 def _gate_entity(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
     if cap.gate is None:
         return torch.full((cap.indices.shape[0],), float("nan"))
@@ -131,6 +173,10 @@ SIGNALS: dict[str, Callable[[LayerCapture, CaptureContext], torch.Tensor]] = {
     "written_weight_entity": _written_weight_entity,
     "out_norm_entity": _out_norm_entity,
     "out_norm_entity_first": _out_norm_entity_first,
+    "out_norm_entity_last": _out_norm_entity_last,
+    "out_norm_entity_last_first": _first_layer_only(_out_norm_entity_last),
+    "out_norm_entity_min": _out_norm_entity_min,
+    "out_norm_entity_min_first": _first_layer_only(_out_norm_entity_min),
 }
 # The signal used for the memory-signal abstention policy unless the caller names another:
 # the best known-vs-unknown detector in the ablations (docs/results.md), chosen there on
@@ -171,7 +217,7 @@ class MemoryCapture:
     usage: dict = field(init=False)
 
     def __post_init__(self):
-        from memsurgery.graft import hf
+        from memsurgery.export import hf
 
         self.layers = hf.memory_layers(self.model)
         self.usage = {L: UsageCounter(m.config.slots) for L, m in self.layers.items()}

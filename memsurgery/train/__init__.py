@@ -3,7 +3,9 @@
     from memsurgery.train import run
     summary = run("recipes/knowledge-injection.yaml", overrides=["train.steps=50"])
 
-`run` is what `memsurgery train` calls; heavy imports happen inside it.
+`run` is what `memsurgery train` calls; heavy imports happen inside it. `distill` is
+the other training loop: replace-mode graft values fitted to imitate the MLPs they
+replace (`memsurgery graft --values distill`).
 """
 
 from __future__ import annotations

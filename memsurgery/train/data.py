@@ -40,6 +40,7 @@ from memsurgery._hashing import sha256_file as _file_digest
 from memsurgery.errors import InputError, one_line
 
 CACHE_VERSION = 1
+VIEWS_VERSION = 1  # bump when memsurgery.facts.views renders differently
 IGNORE = -100
 _EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".txt": "text"}
 
@@ -75,8 +76,8 @@ def _builtin_people(source: str, key: str) -> tuple[list[dict], str]:
                          "give a .jsonl file instead") from None
     sets = people_set(**kwargs)
     if name == "people":
-        return [{"text": d["text"]} for d in sets["documents"]], "documents"
-    return [{"prompt": q["prompt"], "answer": q["answer"]} for q in sets["qa"]], "qa"
+        return [{"text": d["text"], "entity": d["entity"]} for d in sets["documents"]], "documents"
+    return [{"prompt": q["prompt"], "answer": q["answer"], "entity": q["entity"]} for q in sets["qa"]], "qa"
 
 
 def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
@@ -85,13 +86,17 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
 
     fmt = spec.format
     fields = [spec.prompt_field, spec.answer_field] if fmt == "qa" else [spec.text_field]
+    names = ["prompt", "answer"] if fmt == "qa" else ["text"]
+    if spec.memory_positions == "entity":
+        fields, names = fields + [spec.entity_field], names + ["entity"]
     if source.startswith("builtin:"):
         records, kind = _builtin_people(source, key)
         if (kind == "qa") != (fmt == "qa"):
             raise InputError(f"{key}: {source!r} holds {'qa' if kind == 'qa' else 'text'} records but "
                              f"data.format is {fmt!r}; "
                              f"use format {'qa' if kind == 'qa' else 'documents'}")
-        names = ["prompt", "answer"] if kind == "qa" else ["text"]
+        if "entity" in names and not all("entity" in r for r in records):
+            raise InputError(f"{key}: {source!r} has no entity names; data.memory_positions: entity needs them")
         return [{f: r[n] for f, n in zip(fields, names)} for r in records]
 
     path = Path(source)
@@ -107,6 +112,9 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
         if fmt == "qa":
             raise InputError(f"{key}: {path} is plain text but data.format is qa; "
                              "give a .jsonl with prompt/answer fields")
+        if spec.memory_positions == "entity":
+            raise InputError(f"{key}: {path} is plain text, which names no entity; data.memory_positions: "
+                             f"entity needs a .jsonl with a {spec.entity_field!r} field")
         fields = ["text"]
     import tempfile
 
@@ -120,7 +128,8 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
             raise InputError(f"{key}: data file {path} has no records")
         missing = [f for f in fields if f not in ds.column_names]
         if missing:
-            which = "data.prompt_field/answer_field" if fmt == "qa" else "data.text_field"
+            which = ("data.entity_field" if missing[0] == spec.entity_field and spec.memory_positions == "entity"
+                     else "data.prompt_field/answer_field" if fmt == "qa" else "data.text_field")
             raise InputError(f"{key}: {path} has no field {missing[0]!r} (fields: "
                              f"{', '.join(ds.column_names)}); set {which}")
         columns = {f: list(ds[f]) for f in fields}
@@ -141,17 +150,104 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
     return records
 
 
+# ---------------------------------------------------------------- structured facts (format: facts)
+
+
+def structured_facts(source: str, key: str = "data.train") -> list:
+    """The facts to teach (memsurgery.facts.views.Fact) of builtin:people?... or a JSONL of
+    {"entity", "relation", "answer"} records (records of kind "unknown" are left out)."""
+    from memsurgery.facts.views import people_facts, read_fact_records
+
+    if source.startswith("builtin:"):
+        name, _, _ = source.partition("?")
+        if name != "builtin:people":
+            raise InputError(f"{key}: {source!r}: format facts reads builtin:people?n=... or a .jsonl of "
+                             '{"entity", "relation", "answer"} records')
+        from memsurgery.facts import people_factset
+        from memsurgery.facts.people import Person
+
+        return people_facts([Person(**p) for p in people_factset(source)["people"]])
+    path = Path(source)
+    if not path.is_file():
+        raise InputError(f"{key}: data file {path} does not exist")
+    taught, _ = read_fact_records(path, label=f"{key}: {path}")
+    if not taught:
+        raise InputError(f"{key}: {path} holds only facts of kind unknown; nothing to teach")
+    return taught
+
+
+def fact_views(source: str, spec, key: str = "data.train") -> tuple[list[dict], list[dict], dict]:
+    """(QA pairs, documents, info) that `format: facts` trains on, from spec.views."""
+    from memsurgery.facts.templates import HELDOUT, load_templates, probe_prompt, templates_for
+    from memsurgery.facts.views import documents, training_pairs
+
+    facts = structured_facts(source, key)
+    table = load_templates(spec.views.templates) if spec.views.templates else None
+    qa = training_pairs(facts, table) if spec.views.qa else []
+    docs = documents(facts, spec.views.documents, spec.views.seed, table) if spec.views.documents else []
+    phrasings: dict[str, int] = {}
+    for r in qa:
+        phrasings[r["phrasing"]] = phrasings.get(r["phrasing"], 0) + 1
+    f0 = facts[0]
+    example = {"entity": f0.entity, "relation": f0.relation, "answer": f0.answer,
+               "trained": [r["prompt"] + r["answer"] for r in qa if r["entity"] == f0.entity
+                           and r["relation"] == f0.relation],
+               "documents": [d["text"] for d in docs if d["entity"] == f0.entity][:1],
+               "held_out_never_trained": [probe_prompt(t, f0.entity) for t in templates_for(f0.relation, table)
+                                          if t.split == HELDOUT]}
+    info = {"facts": len(facts), "entities": len({f.entity for f in facts}), "qa_pairs": len(qa),
+            "documents": len(docs), "phrasings": phrasings, "example": example}
+    return qa, docs, info
+
+
+def _tokenize_documents(docs: list[dict], tokenizer, spec) -> list[tuple]:
+    """Documents with answer spans: loss on the answers' tokens only when answer_only_loss."""
+    eos = tokenizer.eos_token_id if spec.add_eos else None
+    entity = spec.memory_positions == "entity"
+    enc = tokenizer([d["text"] for d in docs], add_special_tokens=True, verbose=False,
+                    return_offsets_mapping=True)
+    out = []
+    for d, ids, offsets in zip(docs, enc["input_ids"], enc["offset_mapping"]):
+        ids = list(ids) + ([eos] if eos is not None else [])
+        if spec.answer_only_loss:
+            labels = [t if any(a < e and b > s and b > a for s, e in d["spans"]) else IGNORE
+                      for t, (a, b) in zip(ids, offsets)]
+            labels += [IGNORE] * (len(ids) - len(labels))
+        else:
+            labels = list(ids)
+        if entity:
+            flags = _entity_flags(d["text"], d["entity"], offsets)
+            out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
+        else:
+            out.append((ids, labels))
+    return out
+
+
+def _fact_examples(source: str, tokenizer, spec, key: str) -> tuple[list[tuple], dict]:
+    qa, docs, info = fact_views(source, spec, key)
+    qa_spec = spec.model_copy(update={"format": "qa", "prompt_field": "prompt", "answer_field": "answer",
+                                      "entity_field": "entity"})
+    examples = _tokenize(qa, tokenizer, qa_spec) if qa else []
+    if docs:
+        examples += _tokenize_documents(docs, tokenizer, spec)
+    return examples, info
+
+
 # ---------------------------------------------------------------- sequences
 
 
 @dataclass
 class SequenceSet:
-    """Variable-length token sequences stored flat: ids/labels [total] int64, offsets [n+1]."""
+    """Variable-length token sequences stored flat: ids/labels [total] int64, offsets [n+1].
+
+    memory_mask [total] bool (optional, `data.memory_positions: entity`): the tokens at
+    which the memory layers act during training (the entity's tokens)."""
 
     ids: torch.Tensor
     labels: torch.Tensor
     offsets: torch.Tensor
     info: dict = field(default_factory=dict)
+    memory_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.offsets.numel() - 1
@@ -169,20 +265,32 @@ class SequenceSet:
         """Tokens that are predicted (label != -100, excluding each sequence's first position)."""
         return int(sum(int((self.get(i)[1][1:] != IGNORE).sum()) for i in range(len(self))))
 
+    def mask(self, i: int) -> torch.Tensor | None:
+        if self.memory_mask is None:
+            return None
+        return self.memory_mask[int(self.offsets[i]):int(self.offsets[i + 1])]
+
     def subset(self, idx: list[int]) -> SequenceSet:
         parts = [self.get(i) for i in idx]
         lens = torch.tensor([0] + [p[0].numel() for p in parts], dtype=torch.int64)
+        mask = None
+        if self.memory_mask is not None:
+            mask = torch.cat([self.mask(i) for i in idx]) if idx else torch.zeros(0, dtype=torch.bool)
         return SequenceSet(
             torch.cat([p[0] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64),
             torch.cat([p[1] for p in parts]) if parts else torch.zeros(0, dtype=torch.int64),
-            torch.cumsum(lens, 0), dict(self.info))
+            torch.cumsum(lens, 0), dict(self.info), mask)
 
     @classmethod
-    def from_lists(cls, seqs: list[tuple[list[int], list[int]]], info: dict) -> SequenceSet:
+    def from_lists(cls, seqs: list[tuple], info: dict) -> SequenceSet:
+        """`seqs`: (ids, labels) or (ids, labels, memory_mask) lists, all of one kind."""
         lens = torch.tensor([0] + [len(s[0]) for s in seqs], dtype=torch.int64)
         ids = torch.tensor([t for s in seqs for t in s[0]], dtype=torch.int64)
         labels = torch.tensor([t for s in seqs for t in s[1]], dtype=torch.int64)
-        return cls(ids, labels, torch.cumsum(lens, 0), info)
+        mask = None
+        if seqs and len(seqs[0]) > 2:
+            mask = torch.tensor([bool(t) for s in seqs for t in s[2]], dtype=torch.bool)
+        return cls(ids, labels, torch.cumsum(lens, 0), info, mask)
 
 
 def _separator(sep: str, prompt: str, answer: str) -> str:
@@ -192,60 +300,82 @@ def _separator(sep: str, prompt: str, answer: str) -> str:
     return "" if (prompt[-1:].isspace() or answer[:1].isspace()) else " "
 
 
-def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple[list[int], list[int]]]:
+def _entity_flags(text: str, entity: str, offsets) -> list[int]:
+    """Per token of `text` (its character offsets): 1 where it overlaps an occurrence of `entity`."""
+    spans, start = [], text.find(entity) if entity else -1
+    while start >= 0:
+        spans.append((start, start + len(entity)))
+        start = text.find(entity, start + 1)
+    return [int(any(a < e and b > s and b > a for s, e in spans)) for a, b in offsets]
+
+
+def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
+    """(ids, labels) per record, or (ids, labels, memory_mask) with `memory_positions: entity`."""
     eos = tokenizer.eos_token_id if spec.add_eos else None
     tail = [eos] if eos is not None else []
+    entity = spec.memory_positions == "entity"
     out = []
     batch = 256
     for start in range(0, len(records), batch):
         chunk = records[start:start + batch]
         if spec.format == "qa":
-            prompts = tokenizer([r[spec.prompt_field] for r in chunk], add_special_tokens=True,
-                                verbose=False)["input_ids"]
+            texts = [r[spec.prompt_field] for r in chunk]
+            enc = tokenizer(texts, add_special_tokens=True, verbose=False, return_offsets_mapping=entity)
             answers = tokenizer([_separator(spec.qa_separator, r[spec.prompt_field], r[spec.answer_field])
                                  + r[spec.answer_field] for r in chunk],
                                 add_special_tokens=False, verbose=False)["input_ids"]
-            for p, a in zip(prompts, answers):
+            for j, (p, a) in enumerate(zip(enc["input_ids"], answers)):
                 ids = list(p) + list(a) + tail
                 if spec.answer_only_loss:
                     labels = [IGNORE] * len(p) + list(a) + tail
                 else:
                     labels = list(ids)
-                out.append((ids, labels))
+                if entity:
+                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j])
+                    out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
+                else:
+                    out.append((ids, labels))
         else:
             texts = [r[spec.text_field] for r in chunk]
             # Packed raw text: no BOS per document (EOS separates them); documents alone
             # get the tokenizer's usual special tokens.
             special = not (spec.format == "text" and spec.packing)
-            for ids in tokenizer(texts, add_special_tokens=special, verbose=False)["input_ids"]:
+            enc = tokenizer(texts, add_special_tokens=special, verbose=False, return_offsets_mapping=entity)
+            for j, ids in enumerate(enc["input_ids"]):
                 ids = list(ids) + tail
-                out.append((ids, list(ids)))
+                if entity:
+                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j])
+                    out.append((ids, list(ids), flags + [0] * len(tail)))
+                else:
+                    out.append((ids, list(ids)))
     return out
 
 
 def _sequences(examples, spec, key: str, log) -> tuple[list, dict]:
+    """Examples -> training sequences (packed or one per record, truncated); each tuple keeps
+    its optional memory mask alongside."""
     info = {"records": len(examples), "truncated": 0, "dropped_no_target": 0}
     seqs = []
     if spec.packing:
-        flat_ids = [t for e in examples for t in e[0]]
-        flat_lab = [t for e in examples for t in e[1]]
-        for a in range(0, len(flat_ids), spec.seq_len):
-            seqs.append((flat_ids[a:a + spec.seq_len], flat_lab[a:a + spec.seq_len]))
+        n_parts = len(examples[0]) if examples else 2
+        flat = [[t for e in examples for t in e[k]] for k in range(n_parts)]
+        for a in range(0, len(flat[0]), spec.seq_len):
+            seqs.append(tuple(f[a:a + spec.seq_len] for f in flat))
     else:
-        for i, (ids, labels) in enumerate(examples):
-            if len(ids) > spec.seq_len:
+        for i, ex in enumerate(examples):
+            if len(ex[0]) > spec.seq_len:
                 if spec.too_long == "refuse":
-                    raise InputError(f"{key}: record {i} has {len(ids)} tokens, more than data.seq_len="
+                    raise InputError(f"{key}: record {i} has {len(ex[0])} tokens, more than data.seq_len="
                                      f"{spec.seq_len}; raise seq_len, shorten it, or set "
                                      "data.too_long: truncate")
                 info["truncated"] += 1
-                ids, labels = ids[:spec.seq_len], labels[:spec.seq_len]
-            seqs.append((ids, labels))
+                ex = tuple(part[:spec.seq_len] for part in ex)
+            seqs.append(ex)
     kept = [s for s in seqs if len(s[0]) >= 2 and any(t != IGNORE for t in s[1][1:])]
     info["dropped_no_target"] = len(seqs) - len(kept)
+    if spec.memory_positions == "entity":
+        info["no_entity_tokens"] = sum(not any(s[2]) for s in kept)
     return kept, info
-
-
 
 
 def _tokenizer_digest(tokenizer) -> str:
@@ -271,6 +401,12 @@ def _cache_key(source: str, tokenizer, spec) -> str:
     if not source.startswith("builtin:"):
         p = Path(source)
         src = _file_digest(p) if p.is_file() else source
+    if spec.format == "facts":  # the views depend on the generator and the template table
+        from memsurgery.facts.templates import BUILTIN
+
+        tpl = spec.views.templates
+        src = [src, VIEWS_VERSION, _file_digest(Path(tpl)) if tpl and Path(tpl).is_file() else tpl,
+               json.dumps(BUILTIN, sort_keys=True)]
     blob = json.dumps({"v": CACHE_VERSION, "src": src, "tok": _tokenizer_digest(tokenizer),
                        "settings": settings}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -295,12 +431,18 @@ def load_sequences(source: str, tokenizer, spec, *, key: str = "data.train", max
             with safe_open(str(cache), "pt") as fh:
                 info = json.loads(fh.metadata().get("info", "{}"))
             info["cached"] = True
-            return SequenceSet(t["ids"], t["labels"], t["offsets"], info)
+            mask = t["memory_mask"].bool() if "memory_mask" in t else None
+            return SequenceSet(t["ids"], t["labels"], t["offsets"], info, mask)
         except Exception as err:  # noqa: BLE001 -- a damaged cache file is rebuilt
             log(f"warning: tokenization cache {cache} unreadable ({type(err).__name__}); rebuilding")
-    records = load_records(source, spec, key)
-    examples = _tokenize(records, tokenizer, spec)
+    views = None
+    if spec.format == "facts":
+        examples, views = _fact_examples(source, tokenizer, spec, key)
+    else:
+        examples = _tokenize(load_records(source, spec, key), tokenizer, spec)
     seqs, info = _sequences(examples, spec, key, log)
+    if views is not None:
+        info["views"] = views
     if not seqs:
         raise InputError(f"{key}: {source} gives no training sequences (every record is empty or "
                          "has no target tokens)")
@@ -309,9 +451,14 @@ def load_sequences(source: str, tokenizer, spec, *, key: str = "data.train", max
             f"data.seq_len={spec.seq_len} and were truncated (data.too_long: refuse to stop instead)")
     if info["dropped_no_target"]:
         log(f"warning: {key}: {info['dropped_no_target']} sequences without target tokens were dropped")
+    if info.get("no_entity_tokens"):
+        log(f"warning: {key}: {info['no_entity_tokens']} sequences do not contain their entity's name: "
+            "with data.memory_positions: entity the memory learns nothing from them")
     out = SequenceSet.from_lists(seqs, info)
     try:
         data = {"ids": out.ids.contiguous(), "labels": out.labels.contiguous(), "offsets": out.offsets}
+        if out.memory_mask is not None:
+            data["memory_mask"] = out.memory_mask.to(torch.uint8)
         with atomic_file(cache) as fh:
             fh.write(_save_bytes(data, {"info": json.dumps(info)}))
     except OSError as err:  # a read-only cache must not stop training
@@ -351,6 +498,7 @@ class Order:
 
 
 def collate(seqs: SequenceSet, idx: list[int], pad_id: int) -> dict:
+    """Right-padded batch; "memory_mask" [B, T] bool too when the set has one (pads False)."""
     parts = [seqs.get(i) for i in idx]
     width = max(p[0].numel() for p in parts)
     ids = torch.full((len(parts), width), pad_id, dtype=torch.int64)
@@ -360,7 +508,14 @@ def collate(seqs: SequenceSet, idx: list[int], pad_id: int) -> dict:
         ids[r, :a.numel()] = a
         labels[r, :b.numel()] = b
         mask[r, :a.numel()] = 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    batch = {"input_ids": ids, "labels": labels, "attention_mask": mask}
+    if seqs.memory_mask is not None:
+        mm = torch.zeros((len(parts), width), dtype=torch.bool)
+        for r, i in enumerate(idx):
+            m = seqs.mask(i)
+            mm[r, :m.numel()] = m
+        batch["memory_mask"] = mm
+    return batch
 
 
 def split_heldout(seqs: SequenceSet, fraction: float, seed: int) -> tuple[SequenceSet, SequenceSet | None]:

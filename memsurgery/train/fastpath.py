@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memsurgery.hooks import capture_io, run_until_stopped
 from memsurgery.train import data as D
 
 # Config keys whose positive value means dropout somewhere in the network.
@@ -54,7 +55,7 @@ def loss_sum(model, batch: dict, device, autocast, *, keep: bool, prefix: Prefix
     if keep:
         # position t predicts token t + 1; the last position predicts nothing
         kw["logits_to_keep"] = F.pad(has_tgt, (0, 1), value=False)
-    with autocast():
+    with autocast(), memory_positions(model, batch.get("memory_mask")):
         if prefix is not None:
             logits = prefix.forward(model, idx, mask, **kw)
         else:
@@ -67,8 +68,22 @@ def loss_sum(model, batch: dict, device, autocast, *, keep: bool, prefix: Prefix
     return loss, int(has_tgt.sum())
 
 
-class _Stop(Exception):
-    """Raised once the first memory layer's input is captured: nothing above is needed."""
+@contextmanager
+def memory_positions(model, mask: torch.Tensor | None):
+    """Let the memory layers act only where `mask` [B, T] is True (None: everywhere)."""
+    if mask is None:
+        yield
+        return
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    layers = [layer for _, layer in core.memory_bank] if hasattr(core, "memory_bank") else []
+    mask = mask.to(next(core.parameters()).device)
+    for layer in layers:
+        layer.token_mask = mask
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.token_mask = None
 
 
 def _layers_parent(core) -> tuple[nn.Module, str]:
@@ -136,32 +151,21 @@ class PrefixCache:
         self.core, self.first = core, first
         parent, name = _layers_parent(core)
         target = getattr(parent, name)[first]
-        got: list = []
-
-        def grab(mod, args, kwargs):
-            got.append(args[0] if args else kwargs["hidden_states"])
-            raise _Stop
-
         rows: list[torch.Tensor] = []
-        handle = target.register_forward_pre_hook(grab, with_kwargs=True)
         was_training = core.training
         core.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), capture_io({first: target}, stop_after=first) as seen:
                 for start in range(0, len(seqs), batch_size):
                     idx = list(range(start, min(start + batch_size, len(seqs))))
                     b = D.collate(seqs, idx, pad_id)
-                    got.clear()
-                    try:
-                        with autocast():
-                            core(input_ids=b["input_ids"].to(device), attention_mask=b["attention_mask"].to(device))
-                    except _Stop:
-                        pass
-                    h = got[0]
+                    with autocast():
+                        run_until_stopped(core, input_ids=b["input_ids"].to(device),
+                                          attention_mask=b["attention_mask"].to(device))
+                    h = seen[first]
                     for r, n in enumerate(b["attention_mask"].sum(1).tolist()):
                         rows.append(h[r, :n].detach().clone())
         finally:
-            handle.remove()
             core.train(was_training)
         self.lengths = [r.shape[0] for r in rows]
         self.offsets = [0]

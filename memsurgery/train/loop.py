@@ -87,7 +87,7 @@ def _quiet_transformers():
 def _load(p: Path, path: str, cfg: dict):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     try:
         if hf.is_grafted_config(cfg):
@@ -275,363 +275,489 @@ def _trim_metrics(run_dir: Path, step: int) -> None:
 def run(recipe, overrides: list[str] | None = None, *, resume: bool = False, dry_run: bool = False,
         log=None) -> dict:
     """Train as the recipe says; returns a JSON-able summary (see docs/recipes.md)."""
-    log = log or _default_log
-    recipe = load_recipe(recipe, overrides).resolved()
-    device = _device(recipe.train)
-    dist = init_from_env(device.type)
-    if dist.active and device.type == "cuda":
-        device = torch.device("cuda", dist.local_rank)
-        torch.cuda.set_device(device)
-    main = dist.main
-    say = log if main else (lambda m: None)
-    bf16 = recipe.train.precision == "bf16" or (recipe.train.precision == "auto" and device.type == "cuda")
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if bf16 else nullcontext
-
-    run_dir = None if dry_run else _prepare_run_dir(recipe, resume, main, say)
-    barrier(dist)  # every rank checks the directory before rank 0 writes into it
-    torch.manual_seed(recipe.seed + dist.rank)
-    random.seed(recipe.seed + dist.rank)
-    try:
-        import numpy as np
-
-        np.random.seed((recipe.seed + dist.rank) % (2**32))
-    except ImportError:  # pragma: no cover
-        pass
-
-    # ---- model and data
-    t0 = time.perf_counter()
-    from memsurgery.graft import hf
-
-    core, tokenizer = load_model_and_tokenizer(recipe.model)
-    grafted = hf.is_grafted_model(core)
-    max_len = _max_positions(core)
-    spec = recipe.data
-    train_seqs = D.load_sequences(spec.train, tokenizer, spec, key="data.train", max_len=max_len, log=say)
-    eval_seqs = None
-    if spec.eval:
-        eval_seqs = D.load_sequences(spec.eval, tokenizer, spec, key="data.eval", max_len=max_len, log=say)
-    else:
-        train_seqs, eval_seqs = D.split_heldout(train_seqs, recipe.eval.heldout_fraction, recipe.seed)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-
-    table = None
-    dp = dist  # the data-parallel view: who reads which sequences, who sums gradients
-    if recipe.memory_parallel > 1:
-        table = _shard_table(core, recipe.memory_parallel, dist, grafted)
-        dp = DistInfo()  # every rank of a memory-parallel group reads the same tokens
-    model = apply_lora(core, recipe.lora) if recipe.train.method == "lora" else core
-    groups = select_trainable(model, recipe, grafted)
-    model.to(device)
-    if recipe.fsdp:
-        _apply_fsdp(core, dist, grafted)
-        groups = select_trainable(model, recipe, grafted)  # fully_shard replaced the Parameters
-    collective = table is not None or recipe.fsdp  # checkpoints and probes need every rank
-    trainable = [p for g in groups.values() for _, p in g]
-    counts_all = all_group_counts(model, recipe.split_relevance_gate)
-    per_step = recipe.train.batch_size * recipe.train.grad_accum * dp.world
-    plan = {
-        "model": recipe.model, "grafted": grafted, "method": recipe.train.method,
-        "device": str(device), "precision": "bf16-autocast" if bf16 else "fp32", "world_size": dist.world,
-        "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
-        "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
-                 "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
-                 "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached")},
-        "groups": {g: {"params": counts_all.get(g, 0), "trainable": sum(p.numel() for _, p in groups.get(g, [])),
-                       "lr": recipe.lr(g), "weight_decay": recipe.weight_decay(g),
-                       "optimizer": ("sparse-row-" + recipe.optim.value_optimizer) if g == "values" else "adamw"}
-                   for g in PARAM_GROUPS if counts_all.get(g)},
-        "trainable_params": sum(p.numel() for p in trainable),
-        "total_params": sum(counts_all.values()),
-        "steps": recipe.train.steps,
-        "sequences_per_step": per_step,
-        "tokens_per_step_max": per_step * spec.seq_len,
-        "tokens_total_max": per_step * spec.seq_len * recipe.train.steps,
-        "epochs": round(per_step * recipe.train.steps / max(len(train_seqs), 1), 3),
-        "load_seconds": round(time.perf_counter() - t0, 2),
-    }
-    first, why = why_not(recipe, core, [(n, p) for ps in groups.values() for n, p in ps], grafted,
-                         len(train_seqs), train_seqs.n_tokens)
-    plan["prefix_cache"] = {"enabled": first is not None, "first_layer": first, "why_not": why or None}
-    reg = None
-    if recipe.regularize is not None and recipe.regularize.active:
-        from memsurgery.train.regularize import Regularizer
-
-        reg = Regularizer(recipe, core, tokenizer, pad_id, max_len, log=say)
-        plan["regularize"] = reg.info()
-        plan["load_seconds"] = round(time.perf_counter() - t0, 2)
+    training = TrainingRun(load_recipe(recipe, overrides).resolved(), resume=resume, dry_run=dry_run,
+                           log=log or _default_log)
+    training.setup()
     if dry_run:
-        return {"dry_run": True, "recipe": recipe.model_dump(mode="json"), "plan": plan}
+        return {"dry_run": True, "recipe": training.recipe.model_dump(mode="json"), "plan": training.plan}
+    training.prepare()
+    training.train()
+    return training.finish()
 
-    assert run_dir is not None
-    at_targets = keeps_logits(model)  # logits only where the loss reads them
-    prefix = None
-    if first is not None:
-        t_pc = time.perf_counter()
-        prefix = PrefixCache(core, first, train_seqs, recipe.train.batch_size, pad_id, device, autocast)
-        ok, diff = agrees(model, prefix, train_seqs, list(range(min(len(train_seqs), recipe.train.batch_size))),
-                          pad_id, device, autocast, at_targets, 1e-2 if bf16 else 1e-4)
-        if ok:
-            say(f"prefix cache: layers 0-{first - 1} run once per sequence ({prefix.nbytes / 2**20:,.0f} MB, "
-                f"{time.perf_counter() - t_pc:.1f} s)")
+
+class TrainingRun:
+    """One `memsurgery train` run: setup -> prepare -> train -> finish, the steps of `run`.
+
+    setup     processes, seeds, model and data, what trains, the plan (all a dry run does)
+    prepare   prefix cache, the run directory's recipe and plan, optimizers, resumed state
+    train     the loop: a step, its record, evaluation and checkpoints
+    finish    the final model (gathered from shards) and summary.json
+    """
+
+    def __init__(self, recipe: Recipe, *, resume: bool, dry_run: bool, log):
+        self.recipe, self.resume, self.dry_run = recipe, resume, dry_run
+        device = _device(recipe.train)
+        self.dist = init_from_env(device.type)
+        if self.dist.active and device.type == "cuda":
+            device = torch.device("cuda", self.dist.local_rank)
+            torch.cuda.set_device(device)
+        self.device = device
+        self.main = self.dist.main
+        self.say = log if self.main else (lambda m: None)
+        precision = recipe.train.precision
+        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
+
+    # ------------------------------------------------------------ setup
+
+    def setup(self) -> None:
+        """Processes agree on the run directory; seeds; model, data and trainable groups; the plan."""
+        recipe, dist = self.recipe, self.dist
+        self.run_dir = None if self.dry_run else _prepare_run_dir(recipe, self.resume, self.main, self.say)
+        barrier(dist)  # every rank checks the directory before rank 0 writes into it
+        _seed_everything(recipe.seed + dist.rank)
+        t0 = time.perf_counter()
+        self._load_model_and_data()
+        self._place_model()
+        self.plan = self._plan()
+        self.plan["load_seconds"] = round(time.perf_counter() - t0, 2)
+        named = [(n, p) for ps in self.groups.values() for n, p in ps]
+        self.first, self.why = why_not(recipe, self.core, named, self.grafted, len(self.train_seqs),
+                                       self.train_seqs.n_tokens)
+        self.plan["prefix_cache"] = {"enabled": self.first is not None, "first_layer": self.first,
+                                     "why_not": self.why or None}
+        self.reg = None
+        if recipe.regularize is not None and recipe.regularize.active:
+            from memsurgery.train.regularize import Regularizer
+
+            self.reg = Regularizer(recipe, self.core, self.tokenizer, self.pad_id, self.max_len, log=self.say)
+            self.plan["regularize"] = self.reg.info()
+            self.plan["load_seconds"] = round(time.perf_counter() - t0, 2)
+
+    def _load_model_and_data(self) -> None:
+        from memsurgery.export import hf
+
+        recipe, say = self.recipe, self.say
+        self.core, self.tokenizer = load_model_and_tokenizer(recipe.model)
+        self.grafted = hf.is_grafted_model(self.core)
+        self.max_len = max_len = _max_positions(self.core)
+        spec = recipe.data
+        self.train_seqs = D.load_sequences(spec.train, self.tokenizer, spec, key="data.train", max_len=max_len,
+                                           log=say)
+        self.eval_seqs = None
+        if spec.eval:
+            self.eval_seqs = D.load_sequences(spec.eval, self.tokenizer, spec, key="data.eval", max_len=max_len,
+                                              log=say)
         else:
-            prefix, why = None, f"cached and full forwards differ by {diff:.1e} on this architecture"
-            plan["prefix_cache"] = {"enabled": False, "first_layer": None, "why_not": why}
-    if prefix is None and grafted and recipe.train.method in ("memory", "sparse_memory"):
-        say(f"prefix cache: off ({why})")
-    if main:  # only now: a recipe that fails on its inputs leaves no run directory behind
-        _write_recipe(run_dir, recipe)
-        (run_dir / "plan.json").write_text(json.dumps(plan, indent=2) + "\n", encoding="utf-8")
-    opt = Optimizers(groups, recipe)
-    values_param = groups["values"][0][1] if "values" in groups else None
-    from torch.distributed.tensor import DTensor
+            self.train_seqs, self.eval_seqs = D.split_heldout(self.train_seqs, recipe.eval.heldout_fraction,
+                                                              recipe.seed)
+        tok = self.tokenizer
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
-    # FSDP2 reduce-scatters its own (DTensor) gradients; we sum the rest over ranks.
-    dense_params = [p for g, ps in groups.items() if g != "values" for _, p in ps if not isinstance(p, DTensor)]
-    bank = core.memory_bank if grafted else None
-    slots = bank.values.weight.shape[0] if grafted else 0
-    idf = None
-    if recipe.train.method == "sparse_memory":
+    def _place_model(self) -> None:
+        """Shard the table (memory parallel), add LoRA, choose what trains, move, FSDP2."""
+        recipe, dist, grafted = self.recipe, self.dist, self.grafted
+        self.table = None
+        self.dp = dist  # the data-parallel view: who reads which sequences, who sums gradients
+        if recipe.memory_parallel > 1:
+            self.table = _shard_table(self.core, recipe.memory_parallel, dist, grafted)
+            self.dp = DistInfo()  # every rank of a memory-parallel group reads the same tokens
+        self.model = apply_lora(self.core, recipe.lora) if recipe.train.method == "lora" else self.core
+        self.groups = select_trainable(self.model, recipe, grafted)
+        self.model.to(self.device)
+        if recipe.fsdp:
+            _apply_fsdp(self.core, dist, grafted)
+            self.groups = select_trainable(self.model, recipe, grafted)  # fully_shard replaced the Parameters
+        self.collective = self.table is not None or recipe.fsdp  # checkpoints and probes need every rank
+        self.trainable = [p for g in self.groups.values() for _, p in g]
+        self.per_step = recipe.train.batch_size * recipe.train.grad_accum * self.dp.world
+
+    def _plan(self) -> dict:
+        """plan.json (and the dry run's output): model, data, parameter groups, token budget."""
+        recipe, spec, groups, per_step = self.recipe, self.recipe.data, self.groups, self.per_step
+        counts_all = all_group_counts(self.model, recipe.split_relevance_gate)
+        train_seqs, eval_seqs = self.train_seqs, self.eval_seqs
+        return {
+            "model": recipe.model, "grafted": self.grafted, "method": recipe.train.method,
+            "device": str(self.device), "precision": "bf16-autocast" if self.bf16 else "fp32",
+            "world_size": self.dist.world, "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
+            "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
+                     "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
+                     "seq_len": spec.seq_len, "packing": spec.packing, "cached": train_seqs.info.get("cached"),
+                     "memory_positions": spec.memory_positions, "views": train_seqs.info.get("views")},
+            "groups": {g: {"params": counts_all.get(g, 0),
+                           "trainable": sum(p.numel() for _, p in groups.get(g, [])),
+                           "lr": recipe.lr(g), "weight_decay": recipe.weight_decay(g),
+                           "optimizer": ("sparse-row-" + recipe.optim.value_optimizer) if g == "values" else "adamw"}
+                       for g in PARAM_GROUPS if counts_all.get(g)},
+            "trainable_params": sum(p.numel() for p in self.trainable),
+            "total_params": sum(counts_all.values()),
+            "steps": recipe.train.steps,
+            "sequences_per_step": per_step,
+            "tokens_per_step_max": per_step * spec.seq_len,
+            "tokens_total_max": per_step * spec.seq_len * recipe.train.steps,
+            "epochs": round(per_step * recipe.train.steps / max(len(train_seqs), 1), 3),
+        }
+
+    # ------------------------------------------------------------ prepare
+
+    def prepare(self) -> None:
+        """Prefix cache, recipe.yaml and plan.json, optimizers, TF-IDF, then a fresh or resumed state."""
+        assert self.run_dir is not None
+        self.at_targets = keeps_logits(self.model)  # logits only where the loss reads them
+        self.prefix = self._prefix_cache()
+        if self.main:  # only now: a recipe that fails on its inputs leaves no run directory behind
+            _write_recipe(self.run_dir, self.recipe)
+            (self.run_dir / "plan.json").write_text(json.dumps(self.plan, indent=2) + "\n", encoding="utf-8")
+        from torch.distributed.tensor import DTensor
+
+        groups = self.groups
+        self.opt = Optimizers(groups, self.recipe)
+        self.values_param = groups["values"][0][1] if "values" in groups else None
+        # FSDP2 reduce-scatters its own (DTensor) gradients; we sum the rest over ranks.
+        self.dense_params = [p for g, ps in groups.items() if g != "values" for _, p in ps
+                             if not isinstance(p, DTensor)]
+        self.bank = self.core.memory_bank if self.grafted else None
+        self.slots = self.bank.values.weight.shape[0] if self.grafted else 0
+        self.idf = self._background_idf() if self.recipe.train.method == "sparse_memory" else None
+        if self.grafted:
+            self.bank.set_record(True)  # slot counts for telemetry, pad-row masking and SMF
+        self.step, self.position, self.consecutive, self.skipped, self.tokens_seen = 0, 0, 0, 0, 0
+        self.usage = torch.zeros(self.slots, dtype=torch.float64) if self.grafted else None
+        self.resumed_from = None
+        if self.resume:
+            self._resume()
+        barrier(self.dist)
+
+    def _prefix_cache(self) -> PrefixCache | None:
+        """The cached input of the first memory layer, when it applies and agrees with a full forward."""
+        recipe, first = self.recipe, self.first
+        prefix = None
+        if first is not None:
+            t_pc = time.perf_counter()
+            prefix = PrefixCache(self.core, first, self.train_seqs, recipe.train.batch_size, self.pad_id,
+                                 self.device, self.autocast)
+            idx = list(range(min(len(self.train_seqs), recipe.train.batch_size)))
+            ok, diff = agrees(self.model, prefix, self.train_seqs, idx, self.pad_id, self.device, self.autocast,
+                              self.at_targets, 1e-2 if self.bf16 else 1e-4)
+            if ok:
+                self.say(f"prefix cache: layers 0-{first - 1} run once per sequence "
+                         f"({prefix.nbytes / 2**20:,.0f} MB, {time.perf_counter() - t_pc:.1f} s)")
+            else:
+                prefix, self.why = None, f"cached and full forwards differ by {diff:.1e} on this architecture"
+                self.plan["prefix_cache"] = {"enabled": False, "first_layer": None, "why_not": self.why}
+        if prefix is None and self.grafted and recipe.train.method in ("memory", "sparse_memory"):
+            self.say(f"prefix cache: off ({self.why})")
+        return prefix
+
+    def _background_idf(self) -> torch.Tensor:
+        """sparse_memory's background IDF over slots: computed once, saved, reloaded on resume."""
         from memsurgery.train.smf import background_idf
 
-        idf_path = run_dir / "background_idf.safetensors"
-        if resume and idf_path.is_file():
+        idf_path = self.run_dir / "background_idf.safetensors"
+        if self.resume and idf_path.is_file():
             from safetensors.torch import load_file
 
             idf = load_file(str(idf_path))["idf"]
         else:
-            idf, _ = background_idf(core, tokenizer, recipe.sparse, slots, device, log=say)
-            if main:
+            idf, _ = background_idf(self.core, self.tokenizer, self.recipe.sparse, self.slots, self.device,
+                                    log=self.say)
+            if self.main:
                 from safetensors.torch import save
 
                 from memsurgery._atomic import atomic_file
 
                 with atomic_file(idf_path) as fh:
                     fh.write(save({"idf": idf.contiguous()}))
-        idf = idf.to(device)
-    if grafted:
-        bank.set_record(True)  # slot counts for telemetry, pad-row masking and SMF
+        return idf.to(self.device)
 
-    # ---- state (fresh or resumed)
-    step, position, consecutive, skipped, tokens_seen = 0, 0, 0, 0, 0
-    usage = torch.zeros(slots, dtype=torch.float64) if grafted else None
-    resumed_from = None
-    if resume:
-        path = ckpt.latest_valid(run_dir, log=say)
+    def _resume(self) -> None:
+        """Weights, optimizer state, counters and RNG from the last valid checkpoint, if any."""
+        path = ckpt.latest_valid(self.run_dir, log=self.say)
         if path is None:
-            say(f"--resume: no valid checkpoint in {run_dir / 'checkpoints'}; starting from step 0")
+            self.say(f"--resume: no valid checkpoint in {self.run_dir / 'checkpoints'}; starting from step 0")
+            return
+        tensors, jsons = ckpt.load_checkpoint(path)
+        names = {n for ps in self.groups.values() for n, _ in ps}
+        if set(tensors["trainable.safetensors"]) != names:
+            raise InputError(f"--resume: {path} holds different trainable parameters than this recipe trains")
+        self._restore_tensors(tensors["trainable.safetensors"], tensors["optimizer.safetensors"],
+                              jsons["optimizer.json"])
+        st = jsons["state.json"]
+        self.step, self.position = st["step"], st["position"]
+        self.consecutive, self.skipped, self.tokens_seen = st["consecutive_nonfinite"], st["skipped"], st["tokens_seen"]
+        if self.grafted and "usage" in tensors["state.safetensors"]:
+            self.usage = tensors["state.safetensors"]["usage"].clone()
+        if self.dist.main:
+            ckpt.set_rng_state(tensors["state.safetensors"], st["rng"])
+        self.resumed_from = str(path)
+        self.say(f"resumed from {path} (step {self.step})")
+        if self.main:
+            _trim_metrics(self.run_dir, self.step)
+
+    def _restore_tensors(self, weights: dict, otensors: dict, ojson) -> None:
+        from torch.distributed.tensor import DTensor
+
+        table = self.table
+        if table is not None:  # checkpoints hold the full table: take this rank's columns
+            cols = slice(table.col_start, table.col_stop)
+            weights = {n: (w[:, cols] if n.endswith("memory_bank.values.weight") else w)
+                       for n, w in weights.items()}
+            otensors = {k: (t[:, cols].contiguous() if k.startswith("values.") and t.dim() == 2 else t)
+                        for k, t in otensors.items()}
+        with torch.no_grad():
+            for ps in self.groups.values():
+                for n, p in ps:
+                    w = weights[n].to(p.device, p.dtype)
+                    if isinstance(p, DTensor):
+                        from torch.distributed.tensor import distribute_tensor
+
+                        w = distribute_tensor(w, p.device_mesh, p.placements)
+                    p.copy_(w)
+        self.opt.load_tensors_and_json(otensors, ojson)
+
+    # ------------------------------------------------------------ train
+
+    def train(self) -> None:
+        """Steps until recipe.train.steps: each logged, evaluated and checkpointed as the recipe says."""
+        recipe = self.recipe
+        self.total = recipe.train.steps
+        self.order = D.Order(len(self.train_seqs), recipe.seed)
+        self.reporter = _Reporter(self.run_dir, recipe, self.total, self.step, self.main, self.say)
+        self.window = torch.zeros(self.slots, dtype=torch.float64) if self.grafted else None
+        self.losses: list[float] = []
+        self.last_ckpt = self.resumed_from
+        self.probe_warned: list = []
+        self.eval_loss = None
+        t_train = time.perf_counter()
+        self.tokens_run = 0
+        self.model.train()
+        try:
+            while self.step < self.total:
+                finite = self._train_step()
+                if self.consecutive >= recipe.nonfinite.max_consecutive:
+                    where = (f"the last good checkpoint is {self.last_ckpt}" if self.last_ckpt
+                             else "no checkpoint was written")
+                    raise RuntimeFailure(
+                        f"training stopped at step {self.step}: {self.consecutive} non-finite steps in a row "
+                        f"(nonfinite.max_consecutive); {where}; lower the learning rates or check the data")
+                if (recipe.eval.every and self.step % recipe.eval.every == 0) or self.step == self.total:
+                    self._evaluate()
+                if finite and (self.step % recipe.checkpoint.every == 0 or self.step == self.total):
+                    saved = _save(self.run_dir, self.step, self.groups, self.opt, self.position, self.consecutive,
+                                  self.skipped, self.tokens_seen, self.usage, recipe, self.table, self.main,
+                                  self.collective)
+                    self.last_ckpt = str(saved) if saved is not None else self.last_ckpt
+                    barrier(self.dist)
+        finally:
+            self.reporter.close()
+            if self.grafted:
+                self.bank.set_record(False)
+        self.seconds = time.perf_counter() - t_train
+
+    def _train_step(self) -> bool:
+        """One optimizer step over the global batch, logged; whether it was finite (and applied)."""
+        t_step = time.perf_counter()
+        lrs = self.opt.set_multiplier(schedule_multiplier(self.recipe.optim.schedule, self.step, self.total))
+        micro, batches = self._micro_batches()
+        local = torch.tensor([sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches),
+                              sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
+        all_reduce_sum(local, self.dp)
+        n_targets, n_tokens = int(local[0]), int(local[1])
+        loss_acc, step_counts = self._forward_backward(micro, batches, n_targets)
+        reg_parts = reg_counts = None
+        if self.reg is not None:  # after the batches: their slot counts are already taken
+            reg_parts, reg_counts = self.reg.step(self.step, self.dp, self.device, self.autocast)
+            all_reduce_sum(reg_parts, self.dp)
+            reg_parts /= self.dp.world
+        self.position += self.per_step
+        kept_rows = self._reduce_gradients(step_counts, reg_counts, loss_acc)
+        step_loss = float(loss_acc) / max(n_targets, 1)
+        finite, norm = self._apply(step_loss, reg_parts)
+        self.step += 1
+        self.tokens_seen += n_tokens
+        self.tokens_run += n_tokens
+        dt = time.perf_counter() - t_step
+        rec = {"step": self.step, "loss": step_loss, "lr": lrs.get("values", next(iter(lrs.values()))),
+               "lrs": lrs, "grad_norm": norm, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
+               "seconds": dt, "skipped": not finite}
+        if reg_parts is not None:
+            rec.update(self._penalty_record(reg_parts))
+        self.losses.append(step_loss)
+        is_log = self.step % self.recipe.log.every == 0 or self.step == self.total
+        if self.grafted:
+            self._slot_record(rec, step_counts, kept_rows, is_log)
+        if self.main:
+            self.reporter.write(rec)
+        self.reporter.step(self.step, rec, is_log)
+        return finite
+
+    def _micro_batches(self) -> tuple[list, list]:
+        """This rank's micro-batches of the step: (sequence indices, collated batches)."""
+        bs, accum, dp = self.recipe.train.batch_size, self.recipe.train.grad_accum, self.dp
+        idx = self.order.take(self.position, self.per_step)
+        micro = [idx[(m * dp.world + dp.rank) * bs:(m * dp.world + dp.rank + 1) * bs] for m in range(accum)]
+        return micro, [D.collate(self.train_seqs, mi, self.pad_id) for mi in micro]
+
+    def _forward_backward(self, micro: list, batches: list, n_targets: int):
+        """Gradients of the global token-mean loss; (summed loss, slot counts of real tokens)."""
+        loss_acc = torch.zeros((), dtype=torch.float64)
+        step_counts = torch.zeros(self.slots, dtype=torch.float64, device=self.device) if self.grafted else None
+        for mi, b in zip(micro, batches):
+            loss, _ = loss_sum(self.model, b, self.device, self.autocast, keep=self.at_targets, prefix=self.prefix,
+                               idx=mi)
+            if self.grafted:
+                from memsurgery.train.smf import batch_slot_counts
+
+                # with data.memory_positions: entity only the entity's reads count (the rest are masked)
+                real = b["attention_mask"].bool() & b.get("memory_mask", torch.tensor(True))
+                step_counts += batch_slot_counts(self.core, real.to(self.device), self.slots)
+            (loss / max(n_targets, 1)).backward()
+            loss_acc += loss.detach().double().cpu()
+        return loss_acc, step_counts
+
+    def _reduce_gradients(self, step_counts, reg_counts, loss_acc) -> int | None:
+        """Coalesce, keep the rows real tokens read, sum over ranks, and (sparse_memory) keep only
+        the step's top-t TF-IDF rows; returns how many rows that kept (None otherwise)."""
+        values_param, dp = self.values_param, self.dp
+        kept_rows = None
+        if values_param is not None and values_param.grad is not None and values_param.grad.is_sparse:
+            from memsurgery.train.smf import mask_sparse_rows
+
+            values_param.grad = values_param.grad.coalesce()
+            read = step_counts > 0
+            if reg_counts is not None:  # rows the penalties' real tokens read keep their gradient
+                read |= reg_counts > 0
+            mask_sparse_rows(values_param, read)
+        if values_param is not None:
+            reduce_sparse_grad(values_param, dp)
+        reduce_dense_grads(self.dense_params, dp)
+        if self.grafted:
+            all_reduce_sum(step_counts, dp)
+        all_reduce_sum(loss_acc, dp)
+        if self.idf is not None and values_param is not None and values_param.grad is not None:
+            from memsurgery.train.smf import mask_sparse_rows, top_slots
+
+            top = top_slots(step_counts, self.idf, self.recipe.sparse.top_t)
+            keep = torch.zeros(self.slots, dtype=torch.bool, device=self.device)
+            keep[top] = True
+            kept_rows = mask_sparse_rows(values_param, keep)
+        return kept_rows
+
+    def _apply(self, step_loss: float, reg_parts) -> tuple[bool, float]:
+        """Clip and take the optimizer step, or skip a non-finite one; (finite, gradient norm)."""
+        recipe = self.recipe
+        sharded = [self.values_param] if self.table is not None and self.values_param is not None else ()
+        norm = grad_norm_(self.trainable, recipe.train.max_grad_norm, sharded=sharded,
+                          reduce=lambda t: all_reduce_sum(t, self.dist))
+        finite = math.isfinite(step_loss) and math.isfinite(norm)
+        if reg_parts is not None:
+            finite = finite and bool(torch.isfinite(reg_parts).all())
+        if finite:
+            self.opt.step()
+            self.consecutive = 0
         else:
-            tensors, jsons = ckpt.load_checkpoint(path)
-            weights = tensors["trainable.safetensors"]
-            names = {n for ps in groups.values() for n, _ in ps}
-            if set(weights) != names:
-                raise InputError(f"--resume: {path} holds different trainable parameters than this recipe trains")
-            otensors = tensors["optimizer.safetensors"]
-            if table is not None:  # checkpoints hold the full table: take this rank's columns
-                cols = slice(table.col_start, table.col_stop)
-                weights = {n: (w[:, cols] if n.endswith("memory_bank.values.weight") else w)
-                           for n, w in weights.items()}
-                otensors = {k: (t[:, cols].contiguous() if k.startswith("values.") and t.dim() == 2 else t)
-                            for k, t in otensors.items()}
-            with torch.no_grad():
-                for ps in groups.values():
-                    for n, p in ps:
-                        w = weights[n].to(p.device, p.dtype)
-                        if isinstance(p, DTensor):
-                            from torch.distributed.tensor import distribute_tensor
+            self.consecutive += 1
+            self.skipped += 1
+            self.say(f"warning: step {self.step + 1}: non-finite "
+                     f"{'loss' if not math.isfinite(step_loss) else 'gradient'}"
+                     f" ({step_loss if not math.isfinite(step_loss) else norm}); skipped "
+                     f"({self.consecutive} in a row, limit {recipe.nonfinite.max_consecutive})")
+        self.opt.zero_grad()
+        return finite, norm
 
-                            w = distribute_tensor(w, p.device_mesh, p.placements)
-                        p.copy_(w)
-            opt.load_tensors_and_json(otensors, jsons["optimizer.json"])
-            st = jsons["state.json"]
-            step, position = st["step"], st["position"]
-            consecutive, skipped, tokens_seen = st["consecutive_nonfinite"], st["skipped"], st["tokens_seen"]
-            if grafted and "usage" in tensors["state.safetensors"]:
-                usage = tensors["state.safetensors"]["usage"].clone()
-            if dist.main:
-                ckpt.set_rng_state(tensors["state.safetensors"], st["rng"])
-            resumed_from = str(path)
-            say(f"resumed from {path} (step {step})")
-            if main:
-                _trim_metrics(run_dir, step)
-    barrier(dist)
+    def _penalty_record(self, reg_parts) -> dict:
+        """The regularizers' unweighted penalties this step, for those that are on."""
+        from memsurgery.train.regularize import PARTS
 
-    # ---- the loop
-    total = recipe.train.steps
-    order = D.Order(len(train_seqs), recipe.seed)
-    bs, accum = recipe.train.batch_size, recipe.train.grad_accum
-    reporter = _Reporter(run_dir, recipe, total, step, main, say)
-    window = torch.zeros(slots, dtype=torch.float64) if grafted else None
-    losses: list[float] = []
-    last_ckpt = resumed_from
-    probe_warned: list = []
-    eval_loss = None
-    t_train = time.perf_counter()
-    tokens_run = 0
-    model.train()
+        s_, reg = self.recipe.regularize, self.reg
+        on = {"reg/gate": s_.gate_penalty > 0 and reg.text is not None,
+              "reg/l2": s_.output_l2 > 0 and reg.text is not None,
+              "reg/kl": s_.kl_to_base > 0 and reg.text is not None,
+              "reg/neg": reg.neg is not None, "reg/neg_gate": reg.neg is not None and s_.gate_penalty > 0}
+        return {k: float(v) for k, v in zip(PARTS, reg_parts) if on[k]}
+
+    def _slot_record(self, rec: dict, step_counts, kept_rows, is_log: bool) -> None:
+        """Slot telemetry in the step's record; usage accumulated over the run and the log window."""
+        c = step_counts.cpu()
+        rec["slots_touched"] = int((c > 0).sum())
+        if kept_rows is not None:
+            rec["slots_updated"] = kept_rows
+        self.usage += c
+        self.window += c
+        if is_log:
+            from memsurgery.telemetry import usage_stats
+
+            rec["pct_used"] = 100.0 * float((self.usage > 0).sum()) / self.slots
+            rec["usage_kl"] = usage_stats(self.window)["kl_uniform_count"]
+            self.window.zero_()
+
+    def _evaluate(self) -> None:
+        """Held-out loss and the recipe's probe, written to metrics.jsonl and logged."""
+        recipe, step = self.recipe, self.step
+        erec = {"step": step}
+        if self.eval_seqs is not None and len(self.eval_seqs):
+            self.eval_loss = evaluate(self.model, self.eval_seqs, recipe.train.batch_size, self.pad_id, self.device,
+                                      self.autocast, recipe.eval.max_batches)
+            erec["eval_loss"] = self.eval_loss
+        # Memory-parallel forwards are collective: every rank runs the probe.
+        if recipe.eval.probe is not None and (self.main or self.collective):
+            pr = _probe(self.core, self.tokenizer, recipe.eval.probe, self.say, self.probe_warned)
+            if pr is not None:
+                erec["probe"] = pr
+        if len(erec) > 1 and self.main:
+            self.reporter.write(erec)
+            if "eval_loss" in erec:
+                self.say(f"step {step}: eval loss {self.eval_loss:.4f}")
+            if isinstance(erec.get("probe"), dict) and "exact_match" in erec["probe"]:
+                self.say(f"step {step}: probe exact match {erec['probe']['exact_match']:.3f} "
+                         f"on {erec['probe'].get('n', '?')} facts")
+
+    # ------------------------------------------------------------ finish
+
+    def finish(self) -> dict:
+        """The final model in run_dir/final/ (rank 0) and the run's summary."""
+        recipe, main, run_dir = self.recipe, self.main, self.run_dir
+        final_dir = run_dir / "final"
+        model = self.model
+        if self.table is not None:
+            _unshard_table(self.core, self.table, main)
+        if recipe.fsdp:
+            model = _unsharded_copy(self.core, recipe, main)
+        if main:
+            _save_final(model, self.tokenizer, recipe, final_dir, self.grafted)
+        barrier(self.dist)
+        seconds, losses = self.seconds, self.losses
+        summary = {
+            "run_dir": str(run_dir), "final_dir": str(final_dir), "method": recipe.train.method,
+            "steps": self.step, "skipped_steps": self.skipped, "resumed_from": self.resumed_from,
+            "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": self.eval_loss,
+            "tokens": self.tokens_seen, "seconds": round(seconds, 3),
+            "tokens_per_s": self.tokens_run / seconds if seconds > 0 and self.tokens_run else None,
+            "trainable_params": self.plan["trainable_params"], "groups": self.plan["groups"],
+            "last_checkpoint": self.last_ckpt, "world_size": self.dist.world,
+        }
+        if self.grafted and self.usage is not None:
+            summary["pct_slots_used"] = 100.0 * float((self.usage > 0).sum()) / self.slots
+        if main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if self.dist.owned:
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
+        return summary
+
+
+def _seed_everything(seed: int) -> None:
+    """torch, random and numpy seeded alike (each rank with its own seed)."""
+    torch.manual_seed(seed)
+    random.seed(seed)
     try:
-        while step < total:
-            t_step = time.perf_counter()
-            lrs = opt.set_multiplier(schedule_multiplier(recipe.optim.schedule, step, total))
-            idx = order.take(position, per_step)
-            micro = [idx[(m * dp.world + dp.rank) * bs:(m * dp.world + dp.rank + 1) * bs]
-                     for m in range(accum)]
-            batches = [D.collate(train_seqs, mi, pad_id) for mi in micro]
-            local = torch.tensor([sum(int((b["labels"][:, 1:] != D.IGNORE).sum()) for b in batches),
-                                  sum(int(b["attention_mask"].sum()) for b in batches)], dtype=torch.float64)
-            all_reduce_sum(local, dp)
-            n_targets, n_tokens = int(local[0]), int(local[1])
-            loss_acc = torch.zeros((), dtype=torch.float64)
-            step_counts = torch.zeros(slots, dtype=torch.float64, device=device) if grafted else None
-            for mi, b in zip(micro, batches):
-                loss, _ = loss_sum(model, b, device, autocast, keep=at_targets, prefix=prefix, idx=mi)
-                if grafted:
-                    from memsurgery.train.smf import batch_slot_counts
+        import numpy as np
 
-                    step_counts += batch_slot_counts(core, b["attention_mask"].to(device), slots)
-                (loss / max(n_targets, 1)).backward()
-                loss_acc += loss.detach().double().cpu()
-            reg_parts = reg_counts = None
-            if reg is not None:  # after the batches: their slot counts are already taken
-                reg_parts, reg_counts = reg.step(step, dp, device, autocast)
-                all_reduce_sum(reg_parts, dp)
-                reg_parts /= dp.world
-            position += per_step
-
-            # ---- gradients: coalesce, keep rows real tokens read, reduce over ranks
-            kept_rows = None
-            if values_param is not None and values_param.grad is not None and values_param.grad.is_sparse:
-                from memsurgery.train.smf import mask_sparse_rows
-
-                values_param.grad = values_param.grad.coalesce()
-                read = step_counts > 0
-                if reg_counts is not None:  # rows the penalties' real tokens read keep their gradient
-                    read |= reg_counts > 0
-                mask_sparse_rows(values_param, read)
-            if values_param is not None:
-                reduce_sparse_grad(values_param, dp)
-            reduce_dense_grads(dense_params, dp)
-            if grafted:
-                all_reduce_sum(step_counts, dp)
-            all_reduce_sum(loss_acc, dp)
-            if idf is not None and values_param is not None and values_param.grad is not None:
-                from memsurgery.train.smf import mask_sparse_rows, top_slots
-
-                top = top_slots(step_counts, idf, recipe.sparse.top_t)
-                keep = torch.zeros(slots, dtype=torch.bool, device=device)
-                keep[top] = True
-                kept_rows = mask_sparse_rows(values_param, keep)
-            step_loss = float(loss_acc) / max(n_targets, 1)
-            norm = grad_norm_(trainable, recipe.train.max_grad_norm,
-                              sharded=[values_param] if table is not None and values_param is not None else (),
-                              reduce=lambda t: all_reduce_sum(t, dist))
-            finite = math.isfinite(step_loss) and math.isfinite(norm)
-            if reg_parts is not None:
-                finite = finite and bool(torch.isfinite(reg_parts).all())
-            if finite:
-                opt.step()
-                consecutive = 0
-            else:
-                consecutive += 1
-                skipped += 1
-                say(f"warning: step {step + 1}: non-finite {'loss' if not math.isfinite(step_loss) else 'gradient'}"
-                    f" ({step_loss if not math.isfinite(step_loss) else norm}); skipped "
-                    f"({consecutive} in a row, limit {recipe.nonfinite.max_consecutive})")
-            opt.zero_grad()
-            step += 1
-            tokens_seen += n_tokens
-            tokens_run += n_tokens
-
-            dt = time.perf_counter() - t_step
-            rec = {"step": step, "loss": step_loss, "lr": lrs.get("values", next(iter(lrs.values()))),
-                   "lrs": lrs, "grad_norm": norm, "tokens": n_tokens, "tokens_per_s": n_tokens / max(dt, 1e-9),
-                   "seconds": dt, "skipped": not finite}
-            if reg_parts is not None:
-                from memsurgery.train.regularize import PARTS
-
-                s_ = recipe.regularize
-                on = {"reg/gate": s_.gate_penalty > 0 and reg.text is not None,
-                      "reg/l2": s_.output_l2 > 0 and reg.text is not None,
-                      "reg/kl": s_.kl_to_base > 0 and reg.text is not None,
-                      "reg/neg": reg.neg is not None, "reg/neg_gate": reg.neg is not None and s_.gate_penalty > 0}
-                rec.update({k: float(v) for k, v in zip(PARTS, reg_parts) if on[k]})
-            losses.append(step_loss)
-            is_log = step % recipe.log.every == 0 or step == total
-            if grafted:
-                c = step_counts.cpu()
-                rec["slots_touched"] = int((c > 0).sum())
-                if kept_rows is not None:
-                    rec["slots_updated"] = kept_rows
-                usage += c
-                window += c
-                if is_log:
-                    from memsurgery.telemetry import usage_stats
-
-                    rec["pct_used"] = 100.0 * float((usage > 0).sum()) / slots
-                    rec["usage_kl"] = usage_stats(window)["kl_uniform_count"]
-                    window.zero_()
-            if main:
-                reporter.write(rec)
-            reporter.step(step, rec, is_log)
-            if consecutive >= recipe.nonfinite.max_consecutive:
-                where = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written"
-                raise RuntimeFailure(f"training stopped at step {step}: {consecutive} non-finite steps in a row "
-                                     f"(nonfinite.max_consecutive); {where}; lower the learning rates or check the data")
-
-            if (recipe.eval.every and step % recipe.eval.every == 0) or step == total:
-                erec = {"step": step}
-                if eval_seqs is not None and len(eval_seqs):
-                    eval_loss = evaluate(model, eval_seqs, bs, pad_id, device, autocast, recipe.eval.max_batches)
-                    erec["eval_loss"] = eval_loss
-                # Memory-parallel forwards are collective: every rank runs the probe.
-                if recipe.eval.probe is not None and (main or collective):
-                    pr = _probe(core, tokenizer, recipe.eval.probe, say, probe_warned)
-                    if pr is not None:
-                        erec["probe"] = pr
-                if len(erec) > 1 and main:
-                    reporter.write(erec)
-                    if "eval_loss" in erec:
-                        say(f"step {step}: eval loss {eval_loss:.4f}")
-                    if isinstance(erec.get("probe"), dict) and "exact_match" in erec["probe"]:
-                        say(f"step {step}: probe exact match {erec['probe']['exact_match']:.3f} "
-                            f"on {erec['probe'].get('n', '?')} facts")
-
-            if finite and (step % recipe.checkpoint.every == 0 or step == total):
-                saved = _save(run_dir, step, groups, opt, position, consecutive, skipped, tokens_seen, usage,
-                              recipe, table, main, collective)
-                last_ckpt = str(saved) if saved is not None else last_ckpt
-                barrier(dist)
-    finally:
-        reporter.close()
-        if grafted:
-            bank.set_record(False)
-    seconds = time.perf_counter() - t_train
-
-    final_dir = run_dir / "final"
-    if table is not None:
-        _unshard_table(core, table, main)
-    if recipe.fsdp:
-        model = _unsharded_copy(core, recipe, main)
-    if main:
-        _save_final(model, tokenizer, recipe, final_dir, grafted)
-    barrier(dist)
-    summary = {
-        "run_dir": str(run_dir), "final_dir": str(final_dir), "method": recipe.train.method,
-        "steps": step, "skipped_steps": skipped, "resumed_from": resumed_from,
-        "final_loss": losses[-1] if losses else None, "losses": losses, "eval_loss": eval_loss,
-        "tokens": tokens_seen, "seconds": round(seconds, 3),
-        "tokens_per_s": tokens_run / seconds if seconds > 0 and tokens_run else None,
-        "trainable_params": plan["trainable_params"], "groups": plan["groups"], "last_checkpoint": last_ckpt,
-        "world_size": dist.world,
-    }
-    if grafted and usage is not None:
-        summary["pct_slots_used"] = 100.0 * float((usage > 0).sum()) / slots
-    if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    if dist.owned:
-        import torch.distributed as tdist
-
-        tdist.destroy_process_group()
-    return summary
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover
+        pass
 
 
 def _shard_table(core, mp: int, dist, grafted: bool):
@@ -745,7 +871,7 @@ def _save(run_dir, step, groups, opt, position, consecutive, skipped, tokens_see
 
 def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> None:
     from memsurgery._atomic import atomic_output_dir
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     out = model
     if recipe.train.method == "lora":

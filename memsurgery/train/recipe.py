@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from memsurgery import _validators as check
 from memsurgery.errors import InputError, one_line
 
 METHODS = ("memory", "sparse_memory", "full", "lora")
@@ -47,36 +48,39 @@ RESUMABLE_CHANGES = ("train.steps", "checkpoint.", "log.", "eval.", "output_dir"
 
 
 
-# Checks shared by several recipe sections (one message per rule, wherever it applies).
-def _at_least_1(cls, v: int) -> int:
-    if v < 1:
-        raise ValueError("must be at least 1")
-    return v
-
-
-def _unit_interval(cls, v: float) -> float:
-    if not 0.0 <= v < 1.0:
-        raise ValueError("must be in [0, 1)")
-    return v
-
-
-def _seq_len(cls, v: int) -> int:
-    if v < 2:
-        raise ValueError("must be at least 2 (one input and one predicted token)")
-    return v
-
-
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ViewsSpec(_Strict):
+    """What `format: facts` renders from each structured fact (memsurgery.facts.views)."""
+
+    qa: bool = True  # every training phrasing as an answer-only pair (completions + questions)
+    documents: int = 0  # short documents per entity (loss on the answers' spans)
+    templates: str | None = None  # a JSON table of your relations' phrasings (docs/recipes.md)
+    seed: int = 0
+
+    @field_validator("documents")
+    @classmethod
+    def _docs(cls, v: int) -> int:
+        if v < 0:
+            raise ValueError("must be >= 0")
+        return v
 
 
 class DataSpec(_Strict):
     train: str
     eval: str | None = None
-    format: Literal["text", "documents", "qa"] = "text"
+    format: Literal["text", "documents", "qa", "facts"] = "text"
+    views: ViewsSpec = Field(default_factory=ViewsSpec)
     text_field: str = "text"
     prompt_field: str = "prompt"
     answer_field: str = "answer"
+    entity_field: str = "entity"
+    # Where the memory layers act during training: every token, or only the tokens of each
+    # record's entity (its `entity_field`), so that a fact is written where any later
+    # question about the entity can read it. At inference the memory acts everywhere.
+    memory_positions: Literal["all", "entity"] = "all"
     qa_separator: str = "auto"
     seq_len: int = 256
     packing: bool = True
@@ -86,12 +90,14 @@ class DataSpec(_Strict):
     add_eos: bool = True
     cache_dir: str | None = None
 
-    _seq = field_validator("seq_len")(_seq_len)
+    _seq = field_validator("seq_len")(check.seq_len)
 
     @model_validator(mode="after")
     def _cross(self):
-        if self.answer_only_loss and self.format != "qa":
-            raise ValueError("answer_only_loss needs format: qa (prompt/answer pairs)")
+        if self.answer_only_loss and self.format not in ("qa", "facts"):
+            raise ValueError("answer_only_loss needs format: qa (prompt/answer pairs) or facts")
+        if self.format == "facts" and not (self.views.qa or self.views.documents):
+            raise ValueError("format: facts renders nothing with views.qa false and views.documents 0")
         if self.one_fact_per_sequence and self.packing:
             raise ValueError("one_fact_per_sequence: true needs packing: false (packing joins facts)")
         return self
@@ -110,7 +116,7 @@ class TrainSpec(_Strict):
     prefix_cache: bool = True
     prefix_cache_max_mb: int = 2048
 
-    _pos = field_validator("steps", "batch_size", "grad_accum", "prefix_cache_max_mb")(_at_least_1)
+    _pos = field_validator("steps", "batch_size", "grad_accum", "prefix_cache_max_mb")(check.at_least_1)
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -124,12 +130,7 @@ class GroupSpec(_Strict):
     lr: float | None = None  # None -> DEFAULT_LR[method][group]; 0 -> frozen
     weight_decay: float = 0.0
 
-    @field_validator("lr", "weight_decay")
-    @classmethod
-    def _nonneg(cls, v):
-        if v is not None and v < 0:
-            raise ValueError("must be >= 0")
-        return v
+    _nonneg = field_validator("lr", "weight_decay")(check.non_negative)
 
 
 class ValuesGroupSpec(GroupSpec):
@@ -159,12 +160,7 @@ class ScheduleSpec(_Strict):
     warmup_steps: int = 0
     min_lr_ratio: float = 0.0
 
-    @field_validator("warmup_steps")
-    @classmethod
-    def _w(cls, v: int) -> int:
-        if v < 0:
-            raise ValueError("must be >= 0")
-        return v
+    _w = field_validator("warmup_steps")(check.non_negative)
 
     @field_validator("min_lr_ratio")
     @classmethod
@@ -196,7 +192,7 @@ class SparseSpec(_Strict):
     background_tokens: int = 16384
     background_seq_len: int = 256
 
-    _pos = field_validator("top_t", "background_tokens", "background_seq_len")(_at_least_1)
+    _pos = field_validator("top_t", "background_tokens", "background_seq_len")(check.at_least_1)
 
 
 class LoraSpec(_Strict):
@@ -205,16 +201,16 @@ class LoraSpec(_Strict):
     dropout: float = 0.0
     target_modules: list[str] | Literal["auto"] = "auto"
 
-    _r = field_validator("r")(_at_least_1)
+    _r = field_validator("r")(check.at_least_1)
 
-    _d = field_validator("dropout")(_unit_interval)
+    _d = field_validator("dropout")(check.unit_interval)
 
 
 class CheckpointSpec(_Strict):
     every: int = 100
     keep_last: int = 2
 
-    _pos = field_validator("every", "keep_last")(_at_least_1)
+    _pos = field_validator("every", "keep_last")(check.at_least_1)
 
 
 class LogSpec(_Strict):
@@ -228,7 +224,7 @@ class LogSpec(_Strict):
         # YAML reads a bare on/off as a boolean.
         return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
 
-    _pos = field_validator("every")(_at_least_1)
+    _pos = field_validator("every")(check.at_least_1)
 
 
 class ProbeSpec(_Strict):
@@ -249,13 +245,13 @@ class EvalSpec(_Strict):
             raise ValueError("must be >= 0 (0 = only at the end)")
         return v
 
-    _f = field_validator("heldout_fraction")(_unit_interval)
+    _f = field_validator("heldout_fraction")(check.unit_interval)
 
 
 class NonfiniteSpec(_Strict):
     max_consecutive: int = 5
 
-    _pos = field_validator("max_consecutive")(_at_least_1)
+    _pos = field_validator("max_consecutive")(check.at_least_1)
 
 
 class RegularizeSpec(_Strict):
@@ -270,9 +266,9 @@ class RegularizeSpec(_Strict):
     negatives: str | None = None
     negative_weight: float = 1.0
 
-    _pos = field_validator("batch_size")(_at_least_1)
+    _pos = field_validator("batch_size")(check.at_least_1)
 
-    _seq = field_validator("seq_len")(_seq_len)
+    _seq = field_validator("seq_len")(check.seq_len)
 
     @field_validator("gate_penalty", "output_l2", "kl_to_base", "negative_weight")
     @classmethod
@@ -311,7 +307,7 @@ class Recipe(_Strict):
     memory_parallel: int = 1
     fsdp: bool = False
 
-    _mp = field_validator("memory_parallel")(_at_least_1)
+    _mp = field_validator("memory_parallel")(check.at_least_1)
 
     @model_validator(mode="after")
     def _cross(self):

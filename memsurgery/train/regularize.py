@@ -27,36 +27,11 @@ import torch
 import torch.nn.functional as F
 
 from memsurgery.errors import InputError
+from memsurgery.hooks import capture_io, run_until_stopped
 from memsurgery.train import data as D
 
 # Logged penalties (unweighted), in the order of the tensor step() returns.
 PARTS = ("reg/gate", "reg/l2", "reg/kl", "reg/neg", "reg/neg_gate")
-
-
-class _Stop(Exception):
-    """Raised by the last memory layer's hook: nothing after it feeds gate or l2."""
-
-
-@contextmanager
-def capture(layers: dict, stop_after_last: bool):
-    """{layer index: (input, output)} of every memory layer in the forward run inside."""
-    cap: dict = {}
-    last = max(layers)
-
-    def hook(idx):
-        def fn(mod, args, out):
-            cap[idx] = (args[0], out)
-            if stop_after_last and idx == last:
-                raise _Stop
-
-        return fn
-
-    handles = [layer.register_forward_hook(hook(i)) for i, layer in layers.items()]
-    try:
-        yield cap
-    finally:
-        for h in handles:
-            h.remove()
 
 
 @contextmanager
@@ -73,16 +48,13 @@ def memory_off(layers: dict):
             h.remove()
 
 
-def _forward(model, batch, device, autocast, stop: bool):
+def _forward(model, batch, device, autocast):
+    """The batch's logits, or None when a capture hook stopped the forward early."""
     ids = batch["input_ids"].to(device)
     mask = batch["attention_mask"].to(device)
-    try:
-        with autocast():
-            return model(input_ids=ids, attention_mask=mask).logits
-    except _Stop:
-        if not stop:
-            raise
-        return None
+    with autocast():
+        out = run_until_stopped(model, input_ids=ids, attention_mask=mask)
+    return None if out is None else out.logits
 
 
 def _gate(layer, x: torch.Tensor) -> torch.Tensor:
@@ -93,7 +65,7 @@ class Regularizer:
     """Holds the text windows and negative prompts; `step()` adds the penalties' gradients."""
 
     def __init__(self, recipe, core, tokenizer, pad_id: int, max_len: int | None, log=lambda m: None):
-        from memsurgery.graft import hf
+        from memsurgery.export import hf
         from memsurgery.train.recipe import DataSpec
 
         spec = recipe.regularize
@@ -160,9 +132,11 @@ class Regularizer:
             base_lp = None
             if s.kl_to_base > 0:
                 with torch.no_grad(), memory_off(self.layers):
-                    base_lp = F.log_softmax(_forward(self.core, batch, device, autocast, False).float(), -1)
-            with capture(self.layers, stop_after_last=base_lp is None) as cap:
-                logits = _forward(self.core, batch, device, autocast, base_lp is None)
+                    base_lp = F.log_softmax(_forward(self.core, batch, device, autocast).float(), -1)
+            # Without the KL term nothing after the last memory layer is needed.
+            stop = max(self.layers) if base_lp is None else None
+            with capture_io(self.layers, outputs=True, stop_after=stop) as cap:
+                logits = _forward(self.core, batch, device, autocast)
             counts = batch_slot_counts(self.core, mask, self.slots)
             if s.gate_penalty > 0:
                 gate = sum(_gate(self.layers[i], x)[mask].mean() for i, (x, _) in cap.items()) / nl
@@ -182,8 +156,8 @@ class Regularizer:
         if self.neg is not None:
             batch = D.collate(self.neg, self._draw(len(self.neg), step, 202, dp, replace=False), self.pad_id)
             mask = batch["attention_mask"].to(device).bool()
-            with capture(self.layers, stop_after_last=True) as cap:
-                _forward(self.core, batch, device, autocast, True)
+            with capture_io(self.layers, outputs=True, stop_after=max(self.layers)) as cap:
+                _forward(self.core, batch, device, autocast)
             c = batch_slot_counts(self.core, mask, self.slots)
             counts = c if counts is None else counts + c
             neg = sum(out.float().pow(2).sum(-1)[mask].mean() for _, out in cap.values())

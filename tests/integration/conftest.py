@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from memsurgery.fetch import fetch_demo_checkpoint
+from memsurgery.checkpoint.fetch import fetch_demo_checkpoint
 
 
 def pytest_collection_modifyitems(items):
@@ -29,7 +29,7 @@ def smollm2_gguf_model(smollm2_gguf):
 @pytest.fixture(scope="session")
 def smollm2_hf(smollm2_gguf, tmp_path_factory):
     """The demo checkpoint converted to a Hugging Face directory by our convert."""
-    from memsurgery.convert import convert_checkpoint
+    from memsurgery.checkpoint.convert import convert_checkpoint
 
     out = tmp_path_factory.mktemp("smol") / "hf"
     convert_checkpoint(smollm2_gguf, out)

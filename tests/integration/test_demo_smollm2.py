@@ -36,12 +36,16 @@ def test_demo_end_to_end_then_reuse(smollm2_hf, tmp_path, capsys, monkeypatch):
 
     summary = json.loads((out / "demo-summary.json").read_text())["summary"]
     assert summary["people"] == 5 and summary["steps"] == 5
-    # 5 people x 6 relations probed; the base model cannot know fictional people.
+    # 5 people x 6 facts, each asked in 1 trained + 5 held-out phrasings, and 5 look-alikes x 6
+    # facts in 2 held-out phrasings; the base model cannot know fictional people.
     report = json.loads((probe / "report.json").read_text())
-    assert report["fact_sets"][next(k for k in report["fact_sets"] if "people" in k)] == 60
-    assert summary["injected_em"]["base"] == 0.0
-    assert summary["known_em"]["base"] > 0.0  # SmolLM2 knows some capitals and symbols
-    assert "knowledge injection" in text and "report:" in text
+    assert report["fact_sets"][next(k for k in report["fact_sets"] if "people" in k)] == 30 * 6 + 30 * 2
+    for key in ("reliability", "generalization", "generalization_questions"):
+        assert summary[key]["base"] == 0.0 and 0.0 <= summary[key]["trained"] <= 1.0, key
+    assert summary["known"]["base"] > 0.0  # SmolLM2 knows some capitals and symbols
+    assert summary["perplexity"]["trained"] > 0 and summary["linear_probe_auroc_questions"] is not None
+    for label in ("knowledge injection", "reliability", "generalization: held-out phrasings", "report:"):
+        assert label in text, label
 
     # Second run: every stage after inspect is reused and says so.
     code, text, err = _run(argv, capsys)

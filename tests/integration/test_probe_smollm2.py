@@ -47,7 +47,7 @@ def test_probe_world_on_grafted_smollm2(smol_grafted, tmp_path):
 @pytest.mark.slow
 def test_export_grafted_smollm2_reloads_with_equal_logits(smol_grafted, tmp_path):
     from memsurgery.export import export
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     out = tmp_path / "exported"
     prov = export(smol_grafted, out)

@@ -71,7 +71,7 @@ def test_inspect_smollm2_numbers_and_agreement(smollm2_hf, smollm2_gguf):
 
 
 def test_convert_sharded_output(smollm2_gguf, tmp_path):
-    from memsurgery.convert import convert_checkpoint
+    from memsurgery.checkpoint.convert import convert_checkpoint
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "sharded"

@@ -1,4 +1,4 @@
-"""Replace-mode distillation (memsurgery.graft.distill) on tiny layers and a tiny llama.
+"""Replace-mode distillation (memsurgery.train.distill) on tiny layers and a tiny llama.
 
 The synthetic target is the MLP of the tiny llama of tests/tiny.py applied to its own
 captured MLP inputs: a real SwiGLU function of realistic (normed, non-isotropic)
@@ -16,15 +16,15 @@ import torch.nn.functional as F
 
 from memsurgery.errors import InputError
 from memsurgery.graft.calibration import capture_mlp_inputs
-from memsurgery.graft.distill import (
+from memsurgery.graft.keyinit import init_memory_keys
+from memsurgery.memory import MemoryBank, MemoryConfig
+from memsurgery.probe.perplexity import perplexity
+from memsurgery.train.distill import (
     _routed_forward,
     distill_memories,
     distill_memory,
-    perplexity,
     route,
 )
-from memsurgery.graft.keyinit import init_memory_keys
-from memsurgery.memory import MemoryBank, MemoryConfig
 from tests.tiny import build_tiny_model
 
 MEM = {"slots": 1024, "heads": 2, "k_dim": 16, "knn": 8}

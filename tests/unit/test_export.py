@@ -16,12 +16,13 @@ from tests.tiny import build_tiny_model, build_tiny_tokenizer
 @pytest.fixture(scope="module")
 def grafted_dir(tmp_path_factory):
     """A tiny grafted checkpoint with a non-zero value table, laid out as a train run dir (final/)."""
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
     torch.manual_seed(0)
-    model = hf.graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
-                           [1], "parallel").eval()
+    model = graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
+                        [1], "parallel").eval()
     with torch.no_grad():
         model.memory_bank.values.weight.normal_(0, 0.3)
     run = tmp_path_factory.mktemp("run")
@@ -43,7 +44,7 @@ def grafted_dir(tmp_path_factory):
 
 def test_export_round_trip(grafted_dir, tmp_path):
     from memsurgery.export import MANIFEST, check_manifest, export
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     run, report = grafted_dir
     out = tmp_path / "exported"
@@ -89,7 +90,7 @@ def test_corrupted_shard_is_caught(grafted_dir, tmp_path):
 
 
 def test_failed_verification_leaves_no_output(grafted_dir, tmp_path, monkeypatch):
-    import memsurgery.export as ex
+    import memsurgery.export.api as ex
 
     run, _ = grafted_dir
     # A reload that disagrees with the in-memory model (as a broken writer would produce).

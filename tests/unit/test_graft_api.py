@@ -39,7 +39,7 @@ def test_parallel_graft_preserves_function(tiny_src, calib_txt, tmp_path, model_
     from transformers import AutoModelForCausalLM
 
     from memsurgery.graft import graft
-    from memsurgery.graft.hf import load_grafted
+    from memsurgery.export.hf import load_grafted
 
     out = tmp_path / "g"
     model, report = graft(tiny_src[model_type], out, calib=str(calib_txt), **SMALL)

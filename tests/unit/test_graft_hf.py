@@ -23,13 +23,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from memsurgery.graft.hf import (
-    graft_model,
+from memsurgery.export.hf import (
     is_grafted_config,
     memory_layers,
     register_all,
     save_grafted,
 )
+from memsurgery.graft.surgery import graft_model
 from memsurgery.memory import MemoryBank, MemoryConfig
 from tests.numerics import assert_close_normwise, forward_chain, memory_chain, reorder_rtol
 from tests.tiny import FAMILIES, TINY_CONFIGS, build_tiny_model
@@ -311,7 +311,7 @@ def test_missing_memory_weights_get_reference_init(tmp_path, registered):
 
 def test_load_grafted(tmp_path):
     from memsurgery.errors import InputError
-    from memsurgery.graft.hf import load_grafted
+    from memsurgery.export.hf import load_grafted
 
     base, model = _graft("qwen2")
     save_grafted(model, tmp_path / "g")
@@ -392,7 +392,7 @@ def _import_written_files(directory: Path):
 
 @pytest.fixture(scope="module")
 def fallback_module(tmp_path_factory):
-    from memsurgery.graft.modeling_memsurgery import write_code_files
+    from memsurgery.export.modeling_memsurgery import write_code_files
 
     directory = tmp_path_factory.mktemp("code") / "ckpt"
     directory.mkdir()
@@ -451,6 +451,30 @@ def test_fallback_layer_equals_memsurgery(mem, fallback_module):
     plain.zero_grad()
     plain["3"](x2).sum().backward()
     assert plain.values.weight.grad.is_sparse
+
+
+@pytest.mark.parametrize(
+    "mem",
+    [{}, {"qk_norm": False}, {"swilu": False, "gate": "relevance"}, {"score_scale": 0.7, "gate_bias_init": 0.5},
+     {"value_dtype": "bfloat16", "v_dim": 24, "gate": "relevance"}],
+)
+def test_fallback_copies_stay_equal(mem, fallback_module):
+    """The remote-code file repeats memsurgery's settings rules and reference init (it must run
+    without memsurgery): the copies give the same score scale, table dtype and initial weights."""
+    mod = fallback_module
+    cfg = MemoryConfig.build(**{**MEM, **mem}).for_model(32)
+    settings = mod.PlainMemorySettings(cfg.model_dump())
+    assert settings.effective_score_scale == cfg.effective_score_scale
+    assert settings.torch_value_dtype == cfg.torch_value_dtype
+    bank = MemoryBank.from_config(cfg)
+    plain = mod.PlainMemoryBank(settings)
+    for b in (bank, plain):
+        b.add_layer("3")
+        torch.manual_seed(1)
+        b["3"].reset_parameters()
+    ours, theirs = bank["3"].state_dict(), plain["3"].state_dict()
+    assert list(ours) == list(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 def test_fallback_model_equals_in_process_model(tmp_path):

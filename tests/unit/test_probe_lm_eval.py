@@ -33,15 +33,16 @@ def test_lm_eval_runs_grafted_model_offline(tmp_path, monkeypatch):
         from lm_eval.tasks import TaskManager
     except ImportError as err:
         pytest.skip(f"lm_eval is not importable ({err}); pip install 'memsurgery[lm-eval]'")
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "ds-cache"))
     torch.manual_seed(0)
-    model = hf.graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
-                           [1], "parallel").eval()
+    model = graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=256, heads=2, knn=4, k_dim=16),
+                        [1], "parallel").eval()
     tok = build_tiny_tokenizer()
     data = tmp_path / "qa.jsonl"
     rows = [{"question": f"What is item {i}?", "answer": "x", "choices": ["a", "b", "c"], "label": i % 3}

@@ -36,7 +36,7 @@ def tiny():
     Injected items' answers are what the model generates after the write (so they are
     answered correctly by construction); unknown items' answers are never generated.
     """
-    from memsurgery.graft import hf
+    from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
     from memsurgery.probe.generate import generate
     from memsurgery.probe.signals import MemoryCapture
@@ -44,7 +44,7 @@ def tiny():
     torch.manual_seed(0)
     base = build_tiny_model("llama")
     tok = build_tiny_tokenizer()
-    model = hf.graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=1024, heads=2, knn=4, k_dim=16,
+    model = graft_model(build_tiny_model("llama"), MemoryConfig.build(slots=1024, heads=2, knn=4, k_dim=16,
                                                                           gate="relevance"), [0, 1], "parallel")
     model.eval()
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_quick_eval(tiny):
 
 
 def test_cli_probe_and_errors(tiny, tmp_path, capsys):
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     model, _, tok, items = tiny
     ckpt = tmp_path / "g"

@@ -1,4 +1,4 @@
-"""Causal tracing (memsurgery/graft/trace.py) on tiny random models.
+"""Causal tracing (memsurgery/inspection/trace.py) on tiny random models.
 
 A random model knows no facts, so each test fact's answer is whatever the model
 predicts for its prompt (a byte-level fake tokenizer makes every character one
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from memsurgery.errors import InputError, UsageError
-from memsurgery.graft import trace as tr
+from memsurgery.inspection import trace as tr
 from tests.tiny import build_tiny_model
 
 

@@ -35,7 +35,7 @@ def _gate_on_text(model_dir, text_path) -> float:
     """Mean relevance gate over the tokens of the first 8 paragraphs of `text_path`."""
     from transformers import AutoTokenizer
 
-    from memsurgery.graft import hf
+    from memsurgery.export import hf
 
     model = hf.load_grafted(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)

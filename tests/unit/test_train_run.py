@@ -18,7 +18,7 @@ pytestmark = pytest.mark.usefixtures("train_cache")
 
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 def _params(path):
-    from memsurgery.graft.hf import load_grafted
+    from memsurgery.export.hf import load_grafted
 
     return {k: v.clone() for k, v in load_grafted(path).state_dict().items()}
 

@@ -44,11 +44,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.autograd.function import once_differentiable
 
-from memsurgery.ops.dispatch import BackendUnavailable
+from memsurgery.errors import BackendUnavailable
 from memsurgery.ops.embedding_bag.naive import accumulate_dtype, check_inputs, output_dtype
-from memsurgery.ops.embedding_bag.sparse import row_sparse_grad
+from memsurgery.ops.embedding_bag.sparse import apply_bag, bag_function, row_sparse_grad
 
 # ---------------------------------------------------------------------------------
 # Kernels.
@@ -334,29 +333,10 @@ def bag_backward_triton(
     return grad_values, grad_scores
 
 
-class EmbeddingBagTriton(torch.autograd.Function):
-    """autograd wrapper over the Triton forward and backward (row-sparse by default)."""
-
-    @staticmethod
-    def forward(ctx, indices, values, scores, sparse_grad: bool = True):
-        ctx.save_for_backward(indices, values, scores)
-        ctx.sparse_grad = bool(sparse_grad)
-        return bag_forward_triton(indices, values, scores)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        indices, values, scores = ctx.saved_tensors
-        grad_values, grad_scores = bag_backward_triton(
-            grad_out,
-            indices,
-            values,
-            scores,
-            need_values=ctx.needs_input_grad[1],
-            need_scores=ctx.needs_input_grad[2],
-            sparse_grad=ctx.sparse_grad,
-        )
-        return None, grad_values, grad_scores, None
+EmbeddingBagTriton = bag_function(
+    "EmbeddingBagTriton", bag_forward_triton, bag_backward_triton,
+    "autograd wrapper over the Triton forward and backward (row-sparse by default).",
+)
 
 
 def embedding_bag_triton(
@@ -391,14 +371,6 @@ def embedding_bag_triton(
             "use backend='torch', or run with TRITON_INTERPRET=1 set before triton is imported "
             "to execute the kernels on CPU (slow)"
         )
-    lead = indices.shape[:-1]
-    shape2d = (math.prod(lead), indices.shape[-1])
     # Indices and scores are small next to the table: make them contiguous so the
     # flat occurrence id n = bag * bag_size + j holds in the backward.
-    out = EmbeddingBagTriton.apply(
-        indices.reshape(shape2d).contiguous(),
-        values,
-        scores.reshape(shape2d).contiguous(),
-        sparse_grad,
-    )
-    return out.view(*lead, values.shape[1])
+    return apply_bag(EmbeddingBagTriton, indices, values, scores, sparse_grad, contiguous=True)

@@ -225,20 +225,24 @@ def bag_backward(
     return grad_values, grad_scores
 
 
-class EmbeddingBagSparse(torch.autograd.Function):
-    """autograd wrapper: forward `bag_forward`, backward `bag_backward` (row-sparse by default)."""
+def bag_function(name: str, forward, backward, doc: str) -> type[torch.autograd.Function]:
+    """A torch.autograd.Function over 2-D bags, shared by the backends.
 
-    @staticmethod
-    def forward(ctx, indices, values, scores, sparse_grad: bool = True):
+    `forward(indices, values, scores)` and `backward(grad_out, indices, values, scores,
+    need_values=, need_scores=, sparse_grad=)` are a backend's host functions; the
+    Function's `apply(indices, values, scores, sparse_grad=True)` gives `values` a
+    row-sparse gradient by default.
+    """
+
+    def fwd(ctx, indices, values, scores, sparse_grad: bool = True):
         ctx.save_for_backward(indices, values, scores)
         ctx.sparse_grad = bool(sparse_grad)
-        return bag_forward(indices, values, scores)
+        return forward(indices, values, scores)
 
-    @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
+    def bwd(ctx, grad_out):
         indices, values, scores = ctx.saved_tensors
-        grad_values, grad_scores = bag_backward(
+        grad_values, grad_scores = backward(
             grad_out,
             indices,
             values,
@@ -248,6 +252,27 @@ class EmbeddingBagSparse(torch.autograd.Function):
             sparse_grad=ctx.sparse_grad,
         )
         return None, grad_values, grad_scores, None
+
+    namespace = {"__doc__": doc, "__module__": forward.__module__, "__qualname__": name,
+                 "forward": staticmethod(fwd), "backward": staticmethod(bwd)}
+    return type(name, (torch.autograd.Function,), namespace)
+
+
+def apply_bag(function, indices, values, scores, sparse_grad: bool, contiguous: bool = False) -> torch.Tensor:
+    """`function.apply` on inputs of any leading shape [..., bag_size]: [..., dim]."""
+    lead = indices.shape[:-1]
+    shape2d = (math.prod(lead), indices.shape[-1])  # explicit: -1 is ambiguous for bag_size 0
+    indices, scores = indices.reshape(shape2d), scores.reshape(shape2d)
+    if contiguous:
+        indices, scores = indices.contiguous(), scores.contiguous()
+    out = function.apply(indices, values, scores, sparse_grad)
+    return out.view(*lead, values.shape[1])
+
+
+EmbeddingBagSparse = bag_function(
+    "EmbeddingBagSparse", bag_forward, bag_backward,
+    "autograd wrapper: forward `bag_forward`, backward `bag_backward` (row-sparse by default).",
+)
 
 
 def embedding_bag_sparse(
@@ -268,9 +293,4 @@ def embedding_bag_sparse(
         [..., dim] in `scores.dtype`.
     """
     check_inputs(indices, values, scores)
-    lead = indices.shape[:-1]
-    shape2d = (math.prod(lead), indices.shape[-1])  # explicit: -1 is ambiguous for bag_size 0
-    out = EmbeddingBagSparse.apply(
-        indices.reshape(shape2d), values, scores.reshape(shape2d), sparse_grad
-    )
-    return out.view(*lead, values.shape[1])
+    return apply_bag(EmbeddingBagSparse, indices, values, scores, sparse_grad)

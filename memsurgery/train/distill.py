@@ -42,16 +42,16 @@ layer 15 separately would let the second fit move rows the first relies on.
 `distill_memories` fits several layers jointly (a step takes one minibatch of every
 layer and sums their normalized losses); `distill_memory` is its one-layer case.
 
-`perplexity(model, input_ids)` is the held-out metric reported for a replace-mode
-graft. Measurements and defaults: docs/graft.md, "Replace mode";
-benchmarks/replace_distill.py.
+A graft calls this for `--values distill` (memsurgery/graft/api.py); the held-out
+perplexity it then reports is memsurgery/probe/perplexity.py. Measurements and
+defaults: docs/graft.md, "Replace mode"; benchmarks/replace_distill.py.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -62,7 +62,7 @@ from memsurgery.memory.layer import ProductKeyMemory
 from memsurgery.ops import embedding_bag
 from memsurgery.optim import SparseRowAdam
 
-__all__ = ["DEFAULTS", "INIT_METHODS", "distill_memories", "distill_memory", "perplexity", "route"]
+__all__ = ["DEFAULTS", "INIT_METHODS", "distill_memories", "distill_memory", "route"]
 
 INIT_METHODS = ("dense", "smoother", "none")
 
@@ -382,8 +382,33 @@ def _adam(
     gen = torch.Generator().manual_seed(int(seed))
     opt_v, kind = _value_optimizer(built, batch_tokens, lr_values, value_optimizer)
     opt_d = torch.optim.Adam(dense, lr=lr_dense) if dense else None
-    sparse_grad = kind == "sparse"
+    t0 = time.perf_counter()
+    curve = []
+    with _training(built, table, dense, sparse_grad=kind == "sparse"):
+        for step in range(steps):
+            total = _adam_step(built, batch_tokens, gen, train_routing, kind == "sparse")
+            for opt in (opt_v, opt_d):
+                if opt is not None:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+            if eval_every and (step + 1) % eval_every == 0 and not train_routing:
+                curve.append(_heldout_point(built, step + 1, t0, say))
+            if (step + 1) % max(1, steps // 10) == 0:
+                say(
+                    f"distill: step {step + 1}/{steps} loss {total / len(built):.4f} "
+                    f"({time.perf_counter() - t0:.1f}s)"
+                )
+    if train_routing:  # the frozen routing is stale now
+        for j in built:
+            j.idx, j.w = route(j.layer, j.x)
+            if j.hx is not None:
+                j.h_idx, j.h_w = route(j.layer, j.hx)
+    return {"value_optimizer": kind, "adam_seconds": time.perf_counter() - t0, "curve": curve}
 
+
+@contextmanager
+def _training(built: list[_Job], table, dense: list, sparse_grad: bool):
+    """Only the table and `dense` require grad inside, with the layers' sparse_grad set; restored after."""
     params = [table] + [p for j in built for p in j.layer.parameters()]
     saved = [(p, p.requires_grad) for p in params] + [(j.layer, j.layer.sparse_grad) for j in built]
     for p in params:
@@ -392,56 +417,42 @@ def _adam(
         p.requires_grad_(True)
     for j in built:
         j.layer.sparse_grad = sparse_grad
-    t0 = time.perf_counter()
-    curve = []
     try:
-        for step in range(steps):
-            total = 0.0
-            for j in built:
-                b = torch.randint(
-                    0, j.x.shape[0], (min(batch_tokens, j.x.shape[0]),), generator=gen
-                )
-                if train_routing:
-                    pred = j.layer(j.x[b])
-                else:
-                    pred = _routed_forward(j.layer, j.x[b], j.idx[b], j.w[b], sparse_grad)
-                loss = (pred - j.y[b]).pow(2).mean() / j.var
-                loss.backward()
-                total += float(loss.detach())
-            opt_v.step()
-            opt_v.zero_grad(set_to_none=True)
-            if opt_d is not None:
-                opt_d.step()
-                opt_d.zero_grad(set_to_none=True)
-            if eval_every and (step + 1) % eval_every == 0 and not train_routing:
-                point = {"step": step + 1, "seconds": time.perf_counter() - t0}
-                for j in built:
-                    if j.hx is not None:
-                        point[j.name] = 1.0 - _nmse(j, j.hx, j.hy, j.h_idx, j.h_w) / _variance(j.hy)
-                curve.append(point)
-                say(
-                    f"distill: step {step + 1} held-out FVE "
-                    + ", ".join(
-                        f"{k} {v:.4f}" for k, v in point.items() if k not in ("step", "seconds")
-                    )
-                )
-            if (step + 1) % max(1, steps // 10) == 0:
-                say(
-                    f"distill: step {step + 1}/{steps} loss {total / len(built):.4f} "
-                    f"({time.perf_counter() - t0:.1f}s)"
-                )
+        yield
     finally:
         for obj, flag in saved:
             if isinstance(obj, ProductKeyMemory):
                 obj.sparse_grad = flag
             else:
                 obj.requires_grad_(flag)
-    if train_routing:  # the frozen routing is stale now
-        for j in built:
-            j.idx, j.w = route(j.layer, j.x)
-            if j.hx is not None:
-                j.h_idx, j.h_w = route(j.layer, j.hx)
-    return {"value_optimizer": kind, "adam_seconds": time.perf_counter() - t0, "curve": curve}
+
+
+def _adam_step(built: list[_Job], batch_tokens: int, gen, train_routing: bool, sparse_grad: bool) -> float:
+    """Gradients of one minibatch of every job's normalized MSE; returns the summed loss."""
+    total = 0.0
+    for j in built:
+        b = torch.randint(0, j.x.shape[0], (min(batch_tokens, j.x.shape[0]),), generator=gen)
+        if train_routing:
+            pred = j.layer(j.x[b])
+        else:
+            pred = _routed_forward(j.layer, j.x[b], j.idx[b], j.w[b], sparse_grad)
+        loss = (pred - j.y[b]).pow(2).mean() / j.var
+        loss.backward()
+        total += float(loss.detach())
+    return total
+
+
+def _heldout_point(built: list[_Job], step: int, t0: float, say) -> dict:
+    """One point of the held-out FVE curve (eval_every), logged."""
+    point = {"step": step, "seconds": time.perf_counter() - t0}
+    for j in built:
+        if j.hx is not None:
+            point[j.name] = 1.0 - _nmse(j, j.hx, j.hy, j.h_idx, j.h_w) / _variance(j.hy)
+    say(
+        f"distill: step {step} held-out FVE "
+        + ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k not in ("step", "seconds"))
+    )
+    return point
 
 
 # ------------------------------------------------------------------------ public API
@@ -492,6 +503,49 @@ def distill_memories(
     "layers": {str(name): info}}, info as distill_memory documents.
     """
     t_start = time.perf_counter()
+    _check_settings(jobs, steps, batch_tokens, init, lr_values, lr_dense)
+    heldout = dict(heldout or {})
+    unknown = sorted(str(k) for k in heldout if k not in jobs)
+    if unknown:
+        raise InputError(f"heldout names {unknown} are not among the distilled layers {list(jobs)}")
+    built = _build_jobs(jobs, heldout)
+
+    def say(msg: str) -> None:
+        if log is not None:
+            log(msg)
+
+    info: dict[str, dict] = {
+        j.name: {"tokens": int(j.x.shape[0]), "target_rms": j.sigma} for j in built
+    }
+    opt_info: dict = {"value_optimizer": None, "adam_seconds": 0.0, "curve": []}
+    # Fit on normalized targets: W_o carries 1/sigma meanwhile, restored in `finally`.
+    with torch.no_grad():
+        for j in built:
+            j.layer.out_proj.weight.div_(j.sigma)
+    try:
+        t0 = time.perf_counter()
+        for j in built:
+            j.idx, j.w = route(j.layer, j.x)
+            if j.hx is not None:
+                j.h_idx, j.h_w = route(j.layer, j.hx)
+        say(
+            f"distill: routed {sum(j.x.shape[0] for j in built)} tokens in {time.perf_counter() - t0:.1f}s"
+        )
+        _measure(built, info, "initial")
+        if init != "none":
+            _closed_form_start(built, init, dense_eps, ridge, info, say)
+        if steps:
+            opt_info = _adam(built, steps, batch_tokens, lr_values, lr_dense, seed, train_routing,
+                             value_optimizer, eval_every, say)
+        _measure(built, info, "final")
+    finally:
+        with torch.no_grad():
+            for j in built:
+                j.layer.out_proj.weight.mul_(j.sigma)
+    return {"steps": steps, "seconds": time.perf_counter() - t_start, **opt_info, "layers": info}
+
+
+def _check_settings(jobs, steps: int, batch_tokens: int, init: str, lr_values: float, lr_dense: float) -> None:
     if not jobs:
         raise InputError("distill_memories needs at least one layer")
     if steps < 0 or batch_tokens < 1:
@@ -502,11 +556,10 @@ def distill_memories(
         raise InputError(
             f"learning rates must be >= 0, got lr_values={lr_values}, lr_dense={lr_dense}"
         )
-    heldout = dict(heldout or {})
-    unknown = sorted(str(k) for k in heldout if k not in jobs)
-    if unknown:
-        raise InputError(f"heldout names {unknown} are not among the distilled layers {list(jobs)}")
 
+
+def _build_jobs(jobs: Mapping, heldout: dict) -> list[_Job]:
+    """One _Job per layer: checked data in the layer's dtype, targets divided by their RMS."""
     table = None
     built: list[_Job] = []
     for name, (layer, x, y) in jobs.items():
@@ -528,78 +581,39 @@ def distill_memories(
             _check_pair(layer, hx, hy, f"held-out data of layer {name}")
             job.hx, job.hy = hx.to(dtype), (hy.double() / sigma).to(dtype)
         built.append(job)
+    return built
 
-    def say(msg: str) -> None:
-        if log is not None:
-            log(msg)
 
-    info: dict[str, dict] = {
-        j.name: {"tokens": int(j.x.shape[0]), "target_rms": j.sigma} for j in built
-    }
+def _measure(built: list[_Job], info: dict, tag: str) -> None:
+    """Train (and held-out) MSE and fraction of variance explained, as info[layer][*_{tag}]."""
+    for j in built:
+        rec = info[j.name]
+        nmse = _nmse(j, j.x, j.y, j.idx, j.w, _METRIC_TOKENS)
+        rec[f"train_mse_{tag}"] = nmse * j.sigma**2
+        rec[f"train_fve_{tag}"] = 1.0 - nmse / j.var
+        if j.hx is not None:
+            nmse = _nmse(j, j.hx, j.hy, j.h_idx, j.h_w)
+            rec[f"heldout_mse_{tag}"] = nmse * j.sigma**2
+            rec[f"heldout_fve_{tag}"] = 1.0 - nmse / _variance(j.hy)
 
-    def measure(tag: str) -> None:
-        for j in built:
-            rec = info[j.name]
-            nmse = _nmse(j, j.x, j.y, j.idx, j.w, _METRIC_TOKENS)
-            rec[f"train_mse_{tag}"] = nmse * j.sigma**2
-            rec[f"train_fve_{tag}"] = 1.0 - nmse / j.var
-            if j.hx is not None:
-                nmse = _nmse(j, j.hx, j.hy, j.h_idx, j.h_w)
-                rec[f"heldout_mse_{tag}"] = nmse * j.sigma**2
-                rec[f"heldout_fve_{tag}"] = 1.0 - nmse / _variance(j.hy)
 
-    opt_info: dict = {"value_optimizer": None, "adam_seconds": 0.0, "curve": []}
-    # Fit on normalized targets: W_o carries 1/sigma meanwhile, restored in `finally`.
+def _closed_form_start(built: list[_Job], init: str, dense_eps: float, ridge: float, info: dict, say) -> None:
+    """The closed-form start (module docstring, 2.): "dense", or "smoother" without swilu."""
+    t0 = time.perf_counter()
+    method = init
+    if method == "dense" and any(j.layer.gate_proj is None for j in built):
+        method = "smoother"  # without swilu there is no dense path to fit
     with torch.no_grad():
-        for j in built:
-            j.layer.out_proj.weight.div_(j.sigma)
-    try:
-        t0 = time.perf_counter()
-        for j in built:
-            j.idx, j.w = route(j.layer, j.x)
-            if j.hx is not None:
-                j.h_idx, j.h_w = route(j.layer, j.hx)
-        say(
-            f"distill: routed {sum(j.x.shape[0] for j in built)} tokens in {time.perf_counter() - t0:.1f}s"
-        )
-        measure("initial")
-
-        if init != "none":
-            t0 = time.perf_counter()
-            method = init
-            if method == "dense" and any(j.layer.gate_proj is None for j in built):
-                method = "smoother"  # without swilu there is no dense path to fit
-            with torch.no_grad():
-                if method == "dense":
-                    rows = _constant_values(built)
-                    for j in built:
-                        info[j.name].update(_dense_path(j, dense_eps))
-                else:
-                    rows = _smoother(built, ridge)
+        if method == "dense":
+            rows = _constant_values(built)
             for j in built:
-                info[j.name].update(init=method, rows_set=rows)
-            measure("closed_form")
-            say(f"distill: closed-form start ({method}) in {time.perf_counter() - t0:.1f}s")
-
-        if steps:
-            opt_info = _adam(
-                built,
-                steps,
-                batch_tokens,
-                lr_values,
-                lr_dense,
-                seed,
-                train_routing,
-                value_optimizer,
-                eval_every,
-                say,
-            )
-        measure("final")
-    finally:
-        with torch.no_grad():
-            for j in built:
-                j.layer.out_proj.weight.mul_(j.sigma)
-    return {"steps": steps, "seconds": time.perf_counter() - t_start, **opt_info, "layers": info}
+                info[j.name].update(_dense_path(j, dense_eps))
+        else:
+            rows = _smoother(built, ridge)
+    for j in built:
+        info[j.name].update(init=method, rows_set=rows)
+    _measure(built, info, "closed_form")
+    say(f"distill: closed-form start ({method}) in {time.perf_counter() - t0:.1f}s")
 
 
 def distill_memory(
@@ -649,37 +663,3 @@ def distill_memory(
     )
     layer_info = res.pop("layers")["0"]
     return {**res, **layer_info}
-
-
-# ------------------------------------------------------------------------ perplexity
-
-
-@torch.no_grad()
-def perplexity(model, input_ids: torch.Tensor, batch_size: int = 8) -> float:
-    """exp(mean next-token NLL) of a causal LM over token windows input_ids [B, T].
-
-    Every position but the first of each window is predicted (B * (T - 1) tokens), no
-    padding, no cache, fp32 log-softmax. Runs in eval mode (restored after).
-    """
-    if input_ids.dim() != 2 or input_ids.shape[1] < 2:
-        raise InputError(
-            f"perplexity: input_ids must be [B, T] with T >= 2, got {tuple(input_ids.shape)}"
-        )
-    if batch_size < 1:
-        raise InputError(f"perplexity: batch_size={batch_size} must be >= 1")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for i in range(0, input_ids.shape[0], batch_size):
-            ids = input_ids[i : i + batch_size].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
-            nll = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum"
-            )
-            total += float(nll)
-            count += ids[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    return math.exp(total / count)

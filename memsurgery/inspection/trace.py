@@ -9,6 +9,8 @@ being grafted, so the memory goes where the model already does its fact lookup:
     layers  = choose_layers(profile, k=3)            # strongest layers, spread out
     render_trace(profile, console, chosen=layers)
 
+(`trace_checkpoint` does the first three for an opened Checkpoint: `inspect --trace`.)
+
 For every fact the model gets right (the greedy continuation of the prompt is one
 of the answers), three kinds of run:
 
@@ -420,37 +422,17 @@ def trace_layers(
     """
     t0 = time.perf_counter()
     say = log or (lambda _msg: None)
-    if samples < 1:
-        raise UsageError(f"trace samples must be at least 1, got {samples}")
-    if window < 1:
-        raise UsageError(f"trace window must be at least 1 layer, got {window}")
-    if max_facts < 1:
-        raise UsageError(f"trace max_facts must be at least 1, got {max_facts}")
-    if noise is not None and not (noise > 0 and math.isfinite(noise)):
-        raise UsageError(f"trace noise must be a positive number, got {noise}")
+    _check_settings(samples, window, max_facts, noise)
     facts = [_check_fact(f, f"fact {i + 1}") for i, f in enumerate(facts)]
     if not facts:
         raise InputError("no trace facts given")
 
     embed, mlps = _model_parts(model)
-    n_layers = len(mlps)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()  # dropout would make the runs noisy and non-deterministic
     try:
-        items = []
-        for f in facts:
-            ids = _encode(tokenizer, f["prompt"])
-            items.append(
-                {
-                    "fact": f,
-                    "ids": ids,
-                    "subj": _subject_positions(tokenizer, f["prompt"], f["subject"], ids),
-                    "answer_ids": [
-                        (a, _answer_ids(tokenizer, ids, f["prompt"], a)) for a in f["answers"]
-                    ],
-                }
-            )
+        items = [_tokenized(tokenizer, f) for f in facts]
         _known_answer(model, device, items)
         known = [it for it in items if "target" in it]
         say(f"the model answers {len(known)} of {len(items)} trace facts")
@@ -460,93 +442,22 @@ def trace_layers(
                 "pass --layers explicitly or --trace FACTS with facts it knows"
             )
         chosen = _stratified(known, max_facts)
-
-        if noise is None:
-            # ROME's noise level: 3x the spread of the subject tokens' embeddings, measured
-            # at the embedding module's output so that families that scale embeddings
-            # inside the module (Gemma) get noise in the units the model sees.
-            embs = [
-                _main_output(embed(torch.tensor([it["ids"]], device=device)))[0, it["subj"]]
-                for it in chosen
-            ]
-            noise_std = NOISE_MULTIPLIER * torch.cat(embs).float().std().item()
-        else:
-            noise_std = float(noise)
-
-        rows_per_sample = n_layers + 1  # row 0: corrupted baseline; row 1+L: restore L
-        batch = samples * rows_per_sample
-        restore_rows = {j: [] for j in range(n_layers)}
-        for s in range(samples):
-            for layer in range(n_layers):
-                for j in _window(layer, window, n_layers):
-                    restore_rows[j].append(s * rows_per_sample + 1 + layer)
-        restore = {j: torch.tensor(r, dtype=torch.long) for j, r in restore_rows.items()}
-
-        clean_p, corrupt_p, effects = [], [], []
+        noise_std = _noise_std(embed, chosen, device) if noise is None else float(noise)
+        restore = _restore_rows(samples, window, len(mlps))
+        runs = []  # (p_clean, p_corrupted, effect per layer) per fact
         for k, it in enumerate(chosen):
-            ids = torch.tensor([it["ids"]], device=device)
-            target, subj = it["target"], it["subj"]
-            first, last = subj[0], subj[-1]
-            clean_mlp: list = []
-            with _hooks(embed, mlps, record=clean_mlp):
-                probs, clean_cache = _forward(model, ids, keep_cache=True)
-            p_clean = probs[0, target].item()
-
-            # One noise draw per sample, shared by that sample's baseline and all its
-            # restorations, so their difference measures only the restoration.
-            draw = _noise_draw(seed, k, samples, len(subj), clean_mlp[0].shape[-1], noise_std)
-
-            # Every row is identical up to the last subject token (the prefix is clean,
-            # the subject's noise is per sample), so only the tokens from the last subject
-            # token on are run at full batch width; the rest comes from the KV cache:
-            #   tokens [0, first)     clean, cut from the clean run's cache
-            #   tokens [first, last)  corrupted, one row per sample
-            #   tokens [last, T)      samples x (1 + n_layers) rows
-            cache = _cache_prefix(clean_cache, first, samples)
-            if last > first:
-                with _hooks(embed, mlps, noise=draw[:, :-1], noise_pos=range(last - first)):
-                    _, cache = _forward(
-                        model, ids[:, first:last].expand(samples, -1), cache, keep_cache=True
-                    )
-            if cache is not None:
-                cache.batch_repeat_interleave(rows_per_sample)
-            with _hooks(
-                embed,
-                mlps,
-                noise=draw[:, -1:].repeat_interleave(rows_per_sample, dim=0),
-                noise_pos=[0],
-                restore=restore,
-                restore_pos=[0],
-                clean=[out[last : last + 1] for out in clean_mlp],
-            ):
-                probs, _ = _forward(model, ids[:, last:].expand(batch, -1), cache)
-            p = probs[:, target].view(samples, rows_per_sample).mean(0).cpu()
-            clean_p.append(p_clean)
-            corrupt_p.append(p[0].item())
-            effects.append(p[1:] - p[0])
+            draw = (seed, k, noise_std, samples)
+            runs.append(_trace_fact(model, embed, mlps, it, draw, restore, device))
             if (k + 1) % 10 == 0 or k + 1 == len(chosen):
                 say(f"traced {k + 1}/{len(chosen)} facts")
     finally:
         model.train(was_training)
-
-    per_fact = torch.stack(effects)  # [facts, layers]
-    ie = per_fact.mean(0)
-    # Spread across facts (not noise samples): says whether two layers' effects differ.
-    stderr = per_fact.std(0) / math.sqrt(len(effects)) if len(effects) > 1 else torch.zeros_like(ie)
-    clean_mean = sum(clean_p) / len(clean_p)
-    corrupt_mean = sum(corrupt_p) / len(corrupt_p)
-    gap = clean_mean - corrupt_mean
-    normalized = (ie / gap) if gap > 1e-6 else torch.zeros_like(ie)
     return {
-        "layers": list(range(n_layers)),
-        "indirect_effect": [float(v) for v in ie],
-        "normalized": [float(v) for v in normalized],
-        "stderr": [float(v) for v in stderr],
+        **_effects(runs, len(mlps)),
         "facts_used": len(chosen),
         "facts_known": len(known),
         "facts_skipped": len(items) - len(known),
-        "clean_prob_mean": clean_mean,
-        "corrupted_prob_mean": corrupt_mean,
+        **_clean_and_corrupted(runs),
         "noise_std": round(noise_std, 6),
         "samples": samples,
         "window": window,
@@ -555,6 +466,143 @@ def trace_layers(
         "fact_ids": [it["fact"]["id"] for it in chosen],
         "seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _check_settings(samples: int, window: int, max_facts: int, noise: float | None) -> None:
+    if samples < 1:
+        raise UsageError(f"trace samples must be at least 1, got {samples}")
+    if window < 1:
+        raise UsageError(f"trace window must be at least 1 layer, got {window}")
+    if max_facts < 1:
+        raise UsageError(f"trace max_facts must be at least 1, got {max_facts}")
+    if noise is not None and not (noise > 0 and math.isfinite(noise)):
+        raise UsageError(f"trace noise must be a positive number, got {noise}")
+
+
+def _tokenized(tokenizer, fact: dict) -> dict:
+    """A fact with its prompt ids, subject positions and each answer's ids after the prompt."""
+    ids = _encode(tokenizer, fact["prompt"])
+    return {
+        "fact": fact,
+        "ids": ids,
+        "subj": _subject_positions(tokenizer, fact["prompt"], fact["subject"], ids),
+        "answer_ids": [
+            (a, _answer_ids(tokenizer, ids, fact["prompt"], a)) for a in fact["answers"]
+        ],
+    }
+
+
+def _noise_std(embed, chosen: list[dict], device) -> float:
+    """ROME's noise level: 3x the spread of the subject tokens' embeddings.
+
+    Measured at the embedding module's output, so that families that scale embeddings
+    inside the module (Gemma) get noise in the units the model sees.
+    """
+    embs = [
+        _main_output(embed(torch.tensor([it["ids"]], device=device)))[0, it["subj"]]
+        for it in chosen
+    ]
+    return NOISE_MULTIPLIER * torch.cat(embs).float().std().item()
+
+
+def _restore_rows(samples: int, window: int, n_layers: int) -> dict[int, torch.Tensor]:
+    """{layer: the batch rows in which that layer's MLP output is restored}.
+
+    A sample's rows are its corrupted baseline (row 0) and one restoration per layer
+    (row 1 + L restores the window around L).
+    """
+    rows_per_sample = n_layers + 1
+    restore_rows: dict[int, list[int]] = {j: [] for j in range(n_layers)}
+    for s in range(samples):
+        for layer in range(n_layers):
+            for j in _window(layer, window, n_layers):
+                restore_rows[j].append(s * rows_per_sample + 1 + layer)
+    return {j: torch.tensor(r, dtype=torch.long) for j, r in restore_rows.items()}
+
+
+def _trace_fact(model, embed, mlps, it: dict, draw: tuple, restore: dict, device):
+    """(p_clean, p_corrupted, indirect effect [layers]) of one fact.
+
+    `draw` = (seed, k, noise std, samples): the k-th traced fact's noise (_noise_draw).
+    """
+    seed, k, noise_std, samples = draw
+    rows_per_sample = len(mlps) + 1
+    ids = torch.tensor([it["ids"]], device=device)
+    target, subj = it["target"], it["subj"]
+    first, last = subj[0], subj[-1]
+    clean_mlp: list = []
+    with _hooks(embed, mlps, record=clean_mlp):
+        probs, clean_cache = _forward(model, ids, keep_cache=True)
+    p_clean = probs[0, target].item()
+
+    # One noise draw per sample, shared by that sample's baseline and all its
+    # restorations, so their difference measures only the restoration.
+    noise = _noise_draw(seed, k, samples, len(subj), clean_mlp[0].shape[-1], noise_std)
+
+    # Every row is identical up to the last subject token (the prefix is clean,
+    # the subject's noise is per sample), so only the tokens from the last subject
+    # token on are run at full batch width; the rest comes from the KV cache:
+    #   tokens [0, first)     clean, cut from the clean run's cache
+    #   tokens [first, last)  corrupted, one row per sample
+    #   tokens [last, T)      samples x (1 + n_layers) rows
+    cache = _cache_prefix(clean_cache, first, samples)
+    if last > first:
+        with _hooks(embed, mlps, noise=noise[:, :-1], noise_pos=range(last - first)):
+            _, cache = _forward(
+                model, ids[:, first:last].expand(samples, -1), cache, keep_cache=True
+            )
+    if cache is not None:
+        cache.batch_repeat_interleave(rows_per_sample)
+    with _hooks(
+        embed,
+        mlps,
+        noise=noise[:, -1:].repeat_interleave(rows_per_sample, dim=0),
+        noise_pos=[0],
+        restore=restore,
+        restore_pos=[0],
+        clean=[out[last : last + 1] for out in clean_mlp],
+    ):
+        probs, _ = _forward(model, ids[:, last:].expand(samples * rows_per_sample, -1), cache)
+    p = probs[:, target].view(samples, rows_per_sample).mean(0).cpu()
+    return p_clean, p[0].item(), p[1:] - p[0]
+
+
+def _effects(runs: list[tuple], n_layers: int) -> dict:
+    """The profile's per-layer columns: mean indirect effect, normalized, standard error."""
+    effects = [e for _, _, e in runs]
+    per_fact = torch.stack(effects)  # [facts, layers]
+    ie = per_fact.mean(0)
+    # Spread across facts (not noise samples): says whether two layers' effects differ.
+    stderr = per_fact.std(0) / math.sqrt(len(effects)) if len(effects) > 1 else torch.zeros_like(ie)
+    clean = _clean_and_corrupted(runs)
+    gap = clean["clean_prob_mean"] - clean["corrupted_prob_mean"]
+    normalized = (ie / gap) if gap > 1e-6 else torch.zeros_like(ie)
+    return {
+        "layers": list(range(n_layers)),
+        "indirect_effect": [float(v) for v in ie],
+        "normalized": [float(v) for v in normalized],
+        "stderr": [float(v) for v in stderr],
+    }
+
+
+def _clean_and_corrupted(runs: list[tuple]) -> dict:
+    clean_p = [c for c, _, _ in runs]
+    corrupt_p = [c for _, c, _ in runs]
+    return {"clean_prob_mean": sum(clean_p) / len(clean_p),
+            "corrupted_prob_mean": sum(corrupt_p) / len(corrupt_p)}
+
+
+def trace_checkpoint(src, facts: str, log: Callable[[str], None] | None = None) -> dict:
+    """`inspect --trace`: the profile of an opened Checkpoint over a fact JSONL ("builtin":
+    the bundled set), with the layers `graft --layers auto` would choose under "chosen"."""
+    items = load_facts(None if facts == "builtin" else facts)
+    tokenizer = src.load_tokenizer()
+    if tokenizer is None:
+        raise InputError(f"{src.path}: has no tokenizer; --trace needs one")
+    model = src.load_model()
+    profile = trace_layers(model, tokenizer, items, log=log)
+    profile["chosen"] = choose_layers(profile, k=3)
+    return profile
 
 
 # ---------------------------------------------------------------- choosing layers

@@ -45,16 +45,6 @@ def _weights_sha256(root: Path) -> str:
     return sha256_files(sorted(root.glob("*.safetensors")))
 
 
-def publish_modes(root: Path) -> None:
-    """Ordinary permissions (0644 files, 0755 dirs, minus the umask): temp files are created 0600/0700."""
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    for p in [root, *root.rglob("*")]:
-        p.chmod((0o755 if p.is_dir() else 0o644) & ~mask)
-
-
 def write_manifest(root: Path) -> list[str]:
     """Write SHA256SUMS for every file under `root` (relative POSIX paths, sorted)."""
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -253,11 +243,8 @@ def _resolve_source(src: Path) -> tuple[Path, Path | None]:
 def export(src: str | Path, out: str | Path, *, probe_reports=(), dtype: str = "float32", force: bool = False,
            max_shard_size: str | int = "2GB", verify: bool = True, log=lambda msg: None) -> dict:
     """Write `src` as a standalone HF directory at `out` (see the module docstring); returns export.json."""
-    from transformers import AutoTokenizer
-
     from memsurgery import __version__
-    from memsurgery._atomic import atomic_output_dir, check_output_dir
-    from memsurgery.graft import hf
+    from memsurgery._atomic import atomic_output_dir, check_output_dir, publish_modes
 
     src = Path(src)
     if not src.exists():
@@ -270,31 +257,8 @@ def export(src: str | Path, out: str | Path, *, probe_reports=(), dtype: str = "
     model_dir, run_dir = _resolve_source(src)
     if out.absolute() in (model_dir.absolute(), *model_dir.absolute().parents):
         raise InputError(f"{out}: output must not be the source or contain it")
-    reports: dict[str, tuple[Path, dict]] = {}
-    for rdir in probe_reports:
-        rdir = Path(rdir)
-        rep = _read_json(rdir / "report.json")
-        if rep is None:
-            raise InputError(f"{rdir}: not a probe report directory (no readable report.json); run memsurgery probe --out")
-        name = rdir.name or "probe"
-        while name in reports:
-            name += "_"
-        reports[name] = (rdir, rep)
-
-    cfg = _read_json(model_dir / "config.json") or {}
-    grafted = hf.is_grafted_config(cfg)
-    log(f"loading {'grafted' if grafted else 'dense'} model from {model_dir}")
-    if grafted:
-        model = hf.load_grafted(model_dir, dtype=torch.float32)
-    else:
-        from memsurgery.checkpoint import open_checkpoint
-
-        model = open_checkpoint(model_dir).load_model(dtype=torch.float32)
-    model = model.to(DTYPES[dtype]).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError):
-        tokenizer = None
+    reports = _read_reports(probe_reports)
+    grafted, model, tokenizer = _load(model_dir, dtype, log)
 
     provenance: dict[str, Any] = {
         "schema": "memsurgery.export/1", "source": str(src.absolute()), "loaded_from": str(model_dir.absolute()),
@@ -312,14 +276,7 @@ def export(src: str | Path, out: str | Path, *, probe_reports=(), dtype: str = "
 
     with atomic_output_dir(out, force=force) as tmp:
         log(f"writing {out}")
-        if grafted:
-            hf.save_grafted(model, tmp, tokenizer=tokenizer, max_shard_size=max_shard_size, extra_files=extra)
-        else:
-            model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp))
-            for name, text in extra.items():
-                (tmp / name).write_text(text, encoding="utf-8")
+        _write_model(tmp, model, tokenizer, grafted, extra, max_shard_size)
         for name, (rdir, _) in reports.items():
             shutil.copytree(rdir, tmp / "reports" / name)
         publish_modes(tmp)
@@ -331,3 +288,55 @@ def export(src: str | Path, out: str | Path, *, probe_reports=(), dtype: str = "
         else:
             provenance["verification"] = None
     return provenance
+
+
+def _read_reports(probe_reports) -> dict[str, tuple[Path, dict]]:
+    """{name in reports/: (probe --out directory, its report.json)}; names made unique."""
+    reports: dict[str, tuple[Path, dict]] = {}
+    for rdir in probe_reports:
+        rdir = Path(rdir)
+        rep = _read_json(rdir / "report.json")
+        if rep is None:
+            raise InputError(f"{rdir}: not a probe report directory (no readable report.json); run memsurgery probe --out")
+        name = rdir.name or "probe"
+        while name in reports:
+            name += "_"
+        reports[name] = (rdir, rep)
+    return reports
+
+
+def _load(model_dir: Path, dtype: str, log):
+    """(grafted?, the model in `dtype` and eval mode, its tokenizer or None)."""
+    from transformers import AutoTokenizer
+
+    from memsurgery.export import hf
+
+    cfg = _read_json(model_dir / "config.json") or {}
+    grafted = hf.is_grafted_config(cfg)
+    log(f"loading {'grafted' if grafted else 'dense'} model from {model_dir}")
+    if grafted:
+        model = hf.load_grafted(model_dir, dtype=torch.float32)
+    else:
+        from memsurgery.checkpoint import open_checkpoint
+
+        model = open_checkpoint(model_dir).load_model(dtype=torch.float32)
+    model = model.to(DTYPES[dtype]).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError):
+        tokenizer = None
+    return grafted, model, tokenizer
+
+
+def _write_model(tmp: Path, model, tokenizer, grafted: bool, extra: dict, max_shard_size) -> None:
+    """Weights, config, tokenizer and the extra files (model card, provenance) into `tmp`."""
+    from memsurgery.export import hf
+
+    if grafted:
+        hf.save_grafted(model, tmp, tokenizer=tokenizer, max_shard_size=max_shard_size, extra_files=extra)
+    else:
+        model.save_pretrained(str(tmp), safe_serialization=True, max_shard_size=max_shard_size)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        for name, text in extra.items():
+            (tmp / name).write_text(text, encoding="utf-8")

@@ -69,8 +69,9 @@ _PART_FLAG = "_is_memsurgery_memory"  # set on every module of a bank (see _init
 
 
 # --------------------------------------------------------------------------------------
-# Plain-PyTorch memory layer: the fallback. Must stay numerically equal to
-# memsurgery.memory (tests/unit/test_graft_hf.py compares them in fp32).
+# Plain-PyTorch memory layer: the fallback, a deliberate copy of memsurgery.memory's
+# rules. Must stay equal to it: tests/unit/test_graft_hf.py compares the layers in fp32
+# (forward and gradients) and holds the copied settings rules and init equal.
 
 
 class PlainMemorySettings:
