@@ -101,30 +101,32 @@ def fingerprints(out: Path) -> dict:
     return fp
 
 
-ROWS = [
-    ("injected facts EM", lambda s: s["injected_em"], "pct"),
-    ("known facts EM", lambda s: s["known_em"], "pct"),
-    ("perplexity", lambda s: s["perplexity"], "num"),
-    ("unknown: attempted & wrong", lambda s: s["unknown_wrong"], "pct"),
-]
-
-
-def _fmt(v, kind: str) -> str:
+def _fmt(key: str, v) -> str:
     if v is None:
         return "-"
-    return f"{100 * v:.1f}%" if kind == "pct" else f"{v:.3f}"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if "perplexity" in key or "auroc" in key or "seconds" in key or "per_s" in key or abs(v) > 1:
+        return f"{v:.3f}"
+    return f"{100 * v:.1f}%"  # shares: exact match, attempted & wrong, kept
 
 
 def summary_rows(summaries: dict) -> list[list[str]]:
+    """Every number of the demo's summary (demo-summary.json), one row each: base / trained
+    pairs as two rows, scalars as one; whatever keys this version of the demo writes."""
+    keys: list[str] = []
+    for s in summaries.values():
+        keys += [k for k in (s or {}) if k not in keys and k not in ("people", "steps", "train_seconds")]
     rows = []
-    for name, get, kind in ROWS:
-        for side in ("base", "trained"):
-            rows.append([f"{name} ({side})"] + [_fmt(get(s).get(side), kind) if s else "-" for s in summaries.values()])
-    rows.append(["unknown: abstaining on the signal"] + [
-        _fmt(s["unknown_wrong"].get("trained_abstaining"), "pct") if s else "-" for s in summaries.values()])
-    rows.append(["signal AUROC"] + [_fmt(s.get("signal_auroc"), "num") if s else "-" for s in summaries.values()])
-    rows.append(["injected correct kept"] + [
-        _fmt(s.get("injected_correct_kept"), "pct") if s else "-" for s in summaries.values()])
+    for key in keys:
+        vals = [(s or {}).get(key) for s in summaries.values()]
+        if any(isinstance(v, dict) for v in vals):
+            subs = []
+            for v in vals:
+                subs += [k for k in (v or {}) if k not in subs]
+            rows += [[f"{key} ({sub})"] + [_fmt(key, (v or {}).get(sub)) for v in vals] for sub in subs]
+        else:
+            rows.append([key] + [_fmt(key, v) for v in vals])
     return rows
 
 

@@ -27,10 +27,10 @@ def _fake_demo(out: Path, values: torch.Tensor, known: float) -> None:
     (out / "probe" / "samples.jsonl").write_text(
         json.dumps({"id": "a", "template": "t", "raw": "x", "model": "baseline"}) + "\n"
         + json.dumps({"id": "a", "template": "t", "raw": "x", "signals": {"s": 1.0}}) + "\n")
-    summary = {"injected_em": {"base": 0.0, "trained": 1.0}, "known_em": {"base": 0.4, "trained": known},
+    summary = {"people": 5, "reliability": {"base": 0.0, "trained": 1.0}, "known": {"base": 0.4, "trained": known},
                "perplexity": {"base": 26.7, "trained": 26.6},
-               "unknown_wrong": {"base": 1.0, "trained": 0.99, "trained_abstaining": 0.36},
-               "signal": "s", "signal_auroc": 0.93, "injected_correct_kept": 0.97}
+               "unknown_wrong_questions": {"base": 1.0, "trained": 0.99, "trained_abstaining": 0.36},
+               "signal": "s", "signal_auroc_questions": 0.93, "injected_correct_kept": 0.97}
     (out / "demo-summary.json").write_text(json.dumps({"summary": summary}))
 
 
@@ -42,7 +42,10 @@ def test_report_only_marks_identical_stages(tmp_path):
                           check=False, capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = {ln.split("  ")[0].strip(): ln.split() for ln in proc.stdout.splitlines() if "  " in ln}
-    assert lines["known facts EM (trained)"][-2:] == ["40.0%", "42.0%"]
+    assert lines["known (trained)"][-2:] == ["40.0%", "42.0%"]
+    assert lines["perplexity (base)"][-2:] == ["26.700", "26.700"]
+    assert lines["unknown_wrong_questions (trained_abstaining)"][-1] == "36.0%"
+    assert lines["signal_auroc_questions"][-1] == "0.930"
     assert lines["convert: weights"][-1] == "="
     assert lines["graft: memory keys"][-1] == "="
     assert lines["train: memory values"][-1] != "="  # 1e-7 apart: not bit-identical
