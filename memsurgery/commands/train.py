@@ -57,8 +57,9 @@ def _render_plan(console, plan: dict) -> None:
     console.print(f"data: {d['train']} ({d['format']}): {d['train_sequences']} sequences, {d['train_tokens']:,} "
                   f"tokens, seq_len {d['seq_len']}, packing {d['packing']}; eval {d['eval_sequences']} sequences",
                   markup=False)
-    if d.get("memory_positions") == "entity":
-        console.print("memory acts only at the entity's tokens during training (data.memory_positions: entity)",
+    if d.get("memory_positions", "all") != "all":
+        console.print(f"memory acts only at the entity's tokens during training (data.memory_positions: "
+                      f"{d['memory_positions']})",
                       markup=False)
     if d.get("views"):
         _render_views(console, d["views"])

@@ -87,7 +87,7 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
     fmt = spec.format
     fields = [spec.prompt_field, spec.answer_field] if fmt == "qa" else [spec.text_field]
     names = ["prompt", "answer"] if fmt == "qa" else ["text"]
-    if spec.memory_positions == "entity":
+    if spec.memory_positions != "all":
         fields, names = fields + [spec.entity_field], names + ["entity"]
     if source.startswith("builtin:"):
         records, kind = _builtin_people(source, key)
@@ -112,7 +112,7 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
         if fmt == "qa":
             raise InputError(f"{key}: {path} is plain text but data.format is qa; "
                              "give a .jsonl with prompt/answer fields")
-        if spec.memory_positions == "entity":
+        if spec.memory_positions != "all":
             raise InputError(f"{key}: {path} is plain text, which names no entity; data.memory_positions: "
                              f"entity needs a .jsonl with a {spec.entity_field!r} field")
         fields = ["text"]
@@ -128,7 +128,7 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
             raise InputError(f"{key}: data file {path} has no records")
         missing = [f for f in fields if f not in ds.column_names]
         if missing:
-            which = ("data.entity_field" if missing[0] == spec.entity_field and spec.memory_positions == "entity"
+            which = ("data.entity_field" if missing[0] == spec.entity_field and spec.memory_positions != "all"
                      else "data.prompt_field/answer_field" if fmt == "qa" else "data.text_field")
             raise InputError(f"{key}: {path} has no field {missing[0]!r} (fields: "
                              f"{', '.join(ds.column_names)}); set {which}")
@@ -203,7 +203,7 @@ def fact_views(source: str, spec, key: str = "data.train") -> tuple[list[dict], 
 def _tokenize_documents(docs: list[dict], tokenizer, spec) -> list[tuple]:
     """Documents with answer spans: loss on the answers' tokens only when answer_only_loss."""
     eos = tokenizer.eos_token_id if spec.add_eos else None
-    entity = spec.memory_positions == "entity"
+    entity = spec.memory_positions != "all"
     enc = tokenizer([d["text"] for d in docs], add_special_tokens=True, verbose=False,
                     return_offsets_mapping=True)
     out = []
@@ -216,7 +216,7 @@ def _tokenize_documents(docs: list[dict], tokenizer, spec) -> list[tuple]:
         else:
             labels = list(ids)
         if entity:
-            flags = _entity_flags(d["text"], d["entity"], offsets)
+            flags = _entity_flags(d["text"], d["entity"], offsets, spec.memory_positions == "entity_last")
             out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
         else:
             out.append((ids, labels))
@@ -300,20 +300,26 @@ def _separator(sep: str, prompt: str, answer: str) -> str:
     return "" if (prompt[-1:].isspace() or answer[:1].isspace()) else " "
 
 
-def _entity_flags(text: str, entity: str, offsets) -> list[int]:
-    """Per token of `text` (its character offsets): 1 where it overlaps an occurrence of `entity`."""
+def _entity_flags(text: str, entity: str, offsets, last_only: bool = False) -> list[int]:
+    """Per token of `text` (its character offsets): 1 where it overlaps an occurrence of `entity`
+    (`last_only`: only the last token of each occurrence, where the whole name has been read)."""
     spans, start = [], text.find(entity) if entity else -1
     while start >= 0:
         spans.append((start, start + len(entity)))
         start = text.find(entity, start + 1)
-    return [int(any(a < e and b > s and b > a for s, e in spans)) for a, b in offsets]
+    flags = [0] * len(offsets)
+    for s, e in spans:
+        hit = [i for i, (a, b) in enumerate(offsets) if a < e and b > s and b > a]
+        for i in hit[-1:] if last_only else hit:
+            flags[i] = 1
+    return flags
 
 
 def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
     """(ids, labels) per record, or (ids, labels, memory_mask) with `memory_positions: entity`."""
     eos = tokenizer.eos_token_id if spec.add_eos else None
     tail = [eos] if eos is not None else []
-    entity = spec.memory_positions == "entity"
+    entity = spec.memory_positions != "all"
     out = []
     batch = 256
     for start in range(0, len(records), batch):
@@ -331,7 +337,8 @@ def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
                 else:
                     labels = list(ids)
                 if entity:
-                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j])
+                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j],
+                                          spec.memory_positions == "entity_last")
                     out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
                 else:
                     out.append((ids, labels))
@@ -344,7 +351,8 @@ def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
             for j, ids in enumerate(enc["input_ids"]):
                 ids = list(ids) + tail
                 if entity:
-                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j])
+                    flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j],
+                                          spec.memory_positions == "entity_last")
                     out.append((ids, list(ids), flags + [0] * len(tail)))
                 else:
                     out.append((ids, list(ids)))
@@ -373,7 +381,7 @@ def _sequences(examples, spec, key: str, log) -> tuple[list, dict]:
             seqs.append(ex)
     kept = [s for s in seqs if len(s[0]) >= 2 and any(t != IGNORE for t in s[1][1:])]
     info["dropped_no_target"] = len(seqs) - len(kept)
-    if spec.memory_positions == "entity":
+    if spec.memory_positions != "all":
         info["no_entity_tokens"] = sum(not any(s[2]) for s in kept)
     return kept, info
 

@@ -77,10 +77,11 @@ class DataSpec(_Strict):
     prompt_field: str = "prompt"
     answer_field: str = "answer"
     entity_field: str = "entity"
-    # Where the memory layers act during training: every token, or only the tokens of each
-    # record's entity (its `entity_field`), so that a fact is written where any later
-    # question about the entity can read it. At inference the memory acts everywhere.
-    memory_positions: Literal["all", "entity"] = "all"
+    # Where the memory layers act during training: every token, only the tokens of each
+    # record's entity (its `entity_field`), or only the entity's last token (where the whole
+    # name has been read), so that a fact is written where any later question about the
+    # entity can read it. At inference the memory acts everywhere.
+    memory_positions: Literal["all", "entity", "entity_last"] = "all"
     qa_separator: str = "auto"
     seq_len: int = 256
     packing: bool = True

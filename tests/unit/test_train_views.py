@@ -151,3 +151,17 @@ def test_dry_run_shows_trained_and_heldout_phrasings(assets, facts_file, tmp_pat
     for held in ex["held_out_never_trained"]:
         assert not any(held in t for t in ex["trained"])
     assert any(h.startswith("Q: ") for h in ex["held_out_never_trained"])
+
+
+def test_entity_last_masks_one_token_per_mention(assets, facts_file, tmp_path):
+    tok = _tok(assets)
+    spec = _spec(facts_file, tmp_path, memory_positions="entity_last", **{"views.documents": 1})
+    seqs = D.load_sequences(str(facts_file), tok, spec)
+    for i in range(len(seqs)):
+        ids, _ = seqs.get(i)
+        text = tok.decode(ids)
+        mentions = text.count("Ann Lee") + text.count("Bo Chan")
+        marked = seqs.mask(i).nonzero().flatten().tolist()
+        assert len(marked) == mentions >= 1
+        for pos in marked:  # the name ends at the marked token
+            assert tok.decode(ids[:pos + 1]).endswith(("Ann Lee", "Bo Chan"))
