@@ -19,20 +19,17 @@ from memsurgery._atomic import atomic_output_dir, check_output_dir
 from memsurgery.checkpoint import open_checkpoint
 from memsurgery.checkpoint.writer import parse_size, save_hf_model
 
-_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
-           "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-
 
 def convert_checkpoint(src: str | Path, out: str | Path, *, shard_size: str | int = "2GB",
-                       dtype: str = "fp32", force: bool = False, allow_pickle: bool = False,
+                       dtype: str = "float32", force: bool = False, allow_pickle: bool = False,
                        log=lambda msg: None) -> dict:
     """Convert `src` into a Hugging Face directory at `out`; return a small report."""
+    from memsurgery._vocab import canonical_dtype
     from memsurgery.errors import InputError
 
     t0 = time.perf_counter()
     max_shard = parse_size(shard_size)
-    if dtype not in _DTYPES:
-        raise InputError(f"--dtype {dtype!r}: not one of fp32, bf16, fp16")
+    dtype = canonical_dtype(dtype)
     out = Path(out)
     # Validate everything cheap before loading weights, so bad input fails fast.
     check_output_dir(out, force)
@@ -44,7 +41,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, shard_size: str | in
     if Path(src).absolute() == out.absolute() or out.absolute() in Path(src).absolute().parents:
         raise InputError(f"{out}: output must not be the source checkpoint or contain it")
     log(f"reading {ckpt.format} checkpoint {ckpt.path}")
-    model = ckpt.load_model(dtype=_DTYPES[dtype])
+    model = ckpt.load_model(dtype=getattr(torch, dtype))
     tokenizer = ckpt.load_tokenizer()
     source_sha = ckpt.weights_sha256()
     t_load = time.perf_counter() - t0

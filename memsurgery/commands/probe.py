@@ -12,7 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from memsurgery.commands._common import emit_json
+from memsurgery._vocab import DTYPES
+from memsurgery.commands._common import device_option, dtype_option, emit_json
 
 
 def _print(msg: str) -> None:
@@ -62,7 +63,8 @@ def probe(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Second checkpoint, reported side by side with deltas."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, samples.jsonl, report.md, report.html here."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per fact set (round-robin over kind/relation)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    device: str = device_option(),
+    dtype: str = dtype_option("float32", DTYPES, "Weights and activations while probing"),
     template: str = typer.Option("auto", "--template", help="qa, completion, both, or auto (completion when a prompt exists)."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per batch (decoding is memory-bound on CPU: larger batches read the weights fewer times)."),
@@ -79,7 +81,9 @@ def probe(
     if max_new_tokens < 1 or batch_size < 1 or ppl_tokens < 0:
         raise InputError("--max-new-tokens and --batch-size must be >= 1, --ppl-tokens >= 0")
     if explain_text is not None:
-        model, tok, _ = api.load_model(ckpt, device=device)
+        from memsurgery._vocab import torch_dtype
+
+        model, tok, _ = api.load_model(ckpt, device=device, dtype=torch_dtype(dtype))
         res = api.explain(model, tok, explain_text)
         if json_out:
             emit_json(res, default=None)
@@ -89,7 +93,7 @@ def probe(
     report = api.run_probe(ckpt, facts=facts or ["builtin:world"], baseline=baseline, out=out, limit=limit,
                            device=device, template=template, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, ppl_tokens=ppl_tokens, primary_signal=signal,
-                           force=force, log=(lambda m: None) if json_out else _print)
+                           force=force, dtype=dtype, log=(lambda m: None) if json_out else _print)
     if json_out:
         from memsurgery.probe.report import _clean
 

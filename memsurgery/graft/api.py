@@ -116,15 +116,19 @@ def graft(
     plan: GraftPlan | dict | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    device: str = "auto",
     log=lambda msg: None,
     **overrides: Any,
 ):
     """Graft a shared product-key memory into `ckpt`; write it to `out` when given.
 
     `plan` (a GraftPlan or dict of its fields) and keyword overrides (same names)
-    choose what is grafted. Returns (model, report): the grafted model in eval mode
-    and a JSON-serializable report (also saved as OUT/graft.json).
+    choose what is grafted. `device` (auto | cpu | cuda) is where the base runs while
+    its activations are captured and the graft is checked; the checkpoint is written
+    from the CPU either way. Returns (model, report): the grafted model in eval mode
+    (on `device`) and a JSON-serializable report (also saved as OUT/graft.json).
     """
+    from memsurgery._vocab import resolve_device
     from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
@@ -133,17 +137,19 @@ def graft(
     fields = dict(plan.model_dump() if isinstance(plan, GraftPlan) else (plan or {}))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     plan = build_plan(fields)
+    dev = resolve_device(device)
 
     src, n_layers, hidden, need = _open_source(ckpt, out, plan, force, allow_pickle)  # 1
     with _timed(timings, "load"):  # 3
         base, tokenizer, source_sha = _load_base(src, ckpt, log)
+        base.to(dev)
     with _timed(timings, "layers"):  # 2
         layers, trace_profile = _choose_layers(plan, base, tokenizer, n_layers, log)
     log(f"memory layers: {layers}")
     with _timed(timings, "capture"):  # 4
         cal = _calibrate(plan, base, tokenizer, layers, log)
     # Reference logits of the base, before the graft shares its weights.
-    check_ids = cal.heldout_ids[:1, : min(128, cal.heldout_ids.shape[1])]
+    check_ids = cal.heldout_ids[:1, : min(128, cal.heldout_ids.shape[1])].to(dev)
     with torch.no_grad():
         base_logits = base(check_ids).logits
     mcfg = MemoryConfig.build(slots=plan.slots, heads=plan.heads, knn=plan.knn, k_dim=plan.k_dim,
@@ -175,6 +181,7 @@ def graft(
         "distill": distill_info,
         "trace": trace_profile,
         "check": check,
+        "device": str(dev),
         "calibration": {"source": plan.calib or "builtin", "calib_tokens": int(cal.calib_ids.numel()),
                         "heldout_tokens": int(cal.heldout_ids.numel()), "seq_len": plan.seq_len},
         "memory_estimate_bytes": need,

@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from memsurgery._vocab import canonical_dtype, resolve_device, torch_dtype
 from memsurgery.errors import InputError
 from memsurgery.facts import FactItem, limit_items, load_factset
 from memsurgery.probe import metrics as M
@@ -38,7 +39,7 @@ def _resolve_dir(path: Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, info) for a grafted or dense HF directory, a run dir, or a GGUF file."""
     from memsurgery.export import hf
 
@@ -66,16 +67,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
             raise InputError(f"{src}: has no tokenizer; probe needs one")
         info["format"] = ck.format
     return model.to(resolve_device(device)).eval(), tokenizer, info
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device {device}: choose cpu, cuda or auto")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------ items
@@ -447,9 +438,10 @@ def _lm_eval_sections(res: dict, sets, template: str, max_new_tokens: int, stops
 
 def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None, out=None, *,
               tokenizer=None, baseline_tokenizer=None, limit: int | None = None, template: str = "auto",
-              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
+              device: str = "auto", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
               signals: bool = True, primary_signal: str | None = None, abstain_logprob: float | None = None,
-              residual_layer: int | str | None = "auto", force: bool = False, log=lambda msg: None) -> dict:
+              residual_layer: int | str | None = "auto", force: bool = False, dtype: str = "float32",
+              log=lambda msg: None) -> dict:
     """Probe a model (and optionally a baseline) on fact sets; write reports to `out` if given.
 
     model_or_path: a model object (then pass `tokenizer`) or a path (grafted/dense HF dir,
@@ -460,6 +452,8 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
 
     if template not in TEMPLATE_CHOICES:
         raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
+    dtype = canonical_dtype(dtype)
+    resolve_device(device)  # a bad --device fails before anything loads
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be at least 1")
     if out is not None:
@@ -473,7 +467,7 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
     def _get(m, tok, label):
         if isinstance(m, (str, Path)):
             log(f"loading {label} {m}")
-            return load_model(m, device=device)
+            return load_model(m, device=device, dtype=torch_dtype(dtype))
         if tok is None:
             raise InputError(f"run_probe: pass the tokenizer of the {label} model object")
         return m, tok, {"path": None, "format": "object"}
@@ -507,7 +501,7 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
         samples = samples + base_samples
     report["versions_memsurgery"] = {"memsurgery": __version__, "torch": torch.__version__,
                                      "transformers": __import__("transformers").__version__}
-    report["settings"] = {"limit": limit, "device": str(device), "max_new_tokens": max_new_tokens,
+    report["settings"] = {"limit": limit, "device": str(device), "dtype": dtype, "max_new_tokens": max_new_tokens,
                           "batch_size": batch_size, "ppl_tokens": ppl_tokens, "stops": list(DEFAULT_STOPS),
                           "abstain_logprob": abstain_logprob}
     if out is not None:

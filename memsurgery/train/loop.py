@@ -305,7 +305,7 @@ class TrainingRun:
         self.main = self.dist.main
         self.say = log if self.main else (lambda m: None)
         precision = recipe.train.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
 
     # ------------------------------------------------------------ setup
@@ -379,7 +379,7 @@ class TrainingRun:
         train_seqs, eval_seqs = self.train_seqs, self.eval_seqs
         return {
             "model": recipe.model, "grafted": self.grafted, "method": recipe.train.method,
-            "device": str(self.device), "precision": "bf16-autocast" if self.bf16 else "fp32",
+            "device": str(self.device), "precision": "bfloat16-autocast" if self.bf16 else "float32",
             "world_size": self.dist.world, "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
             "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
                      "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,

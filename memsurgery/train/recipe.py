@@ -109,7 +109,8 @@ class TrainSpec(_Strict):
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # dtype names as everywhere in memsurgery (memsurgery/_vocab.py); fp32 / bf16 accepted
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # memory / sparse_memory: run the frozen layers below the first memory layer once per
     # training sequence, not once per step (docs/recipes.md); off, or over the budget, = plain forwards
@@ -117,6 +118,13 @@ class TrainSpec(_Strict):
     prefix_cache_max_mb: int = 2048
 
     _pos = field_validator("steps", "batch_size", "grad_accum", "prefix_cache_max_mb")(check.at_least_1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v):
+        from memsurgery._vocab import DTYPE_ALIASES
+
+        return DTYPE_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
     @field_validator("max_grad_norm")
     @classmethod
