@@ -27,6 +27,7 @@ import torch
 
 from memsurgery import __version__
 from memsurgery._atomic import atomic_output_dir, check_output_dir
+from memsurgery._vocab import resolve_device
 from memsurgery.errors import InputError
 from memsurgery.graft.plan import GraftPlan, build_plan
 
@@ -122,13 +123,10 @@ def graft(
 ):
     """Graft a shared product-key memory into `ckpt`; write it to `out` when given.
 
-    `plan` (a GraftPlan or dict of its fields) and keyword overrides (same names)
-    choose what is grafted. `device` (auto | cpu | cuda) is where the base runs while
-    its activations are captured and the graft is checked; the checkpoint is written
-    from the CPU either way. Returns (model, report): the grafted model in eval mode
-    (on `device`) and a JSON-serializable report (also saved as OUT/graft.json).
+    `plan` (a GraftPlan or dict of its fields) and keyword overrides (same names) choose
+    what is grafted; `device` (auto | cpu | cuda) is where capture and checks run. Returns
+    (model on `device`, eval mode; a JSON-serializable report, also OUT/graft.json).
     """
-    from memsurgery._vocab import resolve_device
     from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
 
@@ -141,8 +139,7 @@ def graft(
 
     src, n_layers, hidden, need = _open_source(ckpt, out, plan, force, allow_pickle)  # 1
     with _timed(timings, "load"):  # 3
-        base, tokenizer, source_sha = _load_base(src, ckpt, log)
-        base.to(dev)
+        base, tokenizer, source_sha = _load_base(src, ckpt, log, dev)
     with _timed(timings, "layers"):  # 2
         layers, trace_profile = _choose_layers(plan, base, tokenizer, n_layers, log)
     log(f"memory layers: {layers}")
@@ -181,10 +178,9 @@ def graft(
         "distill": distill_info,
         "trace": trace_profile,
         "check": check,
-        "device": str(dev),
         "calibration": {"source": plan.calib or "builtin", "calib_tokens": int(cal.calib_ids.numel()),
                         "heldout_tokens": int(cal.heldout_ids.numel()), "seq_len": plan.seq_len},
-        "memory_estimate_bytes": need,
+        "memory_estimate_bytes": need, "device": str(dev),
         "versions": _versions(),
         "seed": plan.seed,
         "timings": timings,
@@ -249,10 +245,10 @@ def _check_ram(ckpt, src, plan: GraftPlan, hidden: int, force: bool) -> dict:
     return need
 
 
-def _load_base(src, ckpt, log):
-    """Step 3: (base model in fp32, tokenizer, SHA-256 of the source weights)."""
+def _load_base(src, ckpt, log, device):
+    """Step 3: (base model in fp32 on `device`, tokenizer, SHA-256 of the source weights)."""
     log(f"loading {src.format} checkpoint {src.path}")
-    base = src.load_model(dtype=torch.float32)
+    base = src.load_model(dtype=torch.float32).to(device)
     tokenizer = src.load_tokenizer()
     if tokenizer is None:
         raise InputError(f"{ckpt}: has no tokenizer; graft needs one to read the calibration text")

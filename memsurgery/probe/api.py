@@ -43,10 +43,10 @@ def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None
     """(model, tokenizer, info) for a grafted or dense HF directory, a run dir, or a GGUF file."""
     from memsurgery.export import hf
 
-    src = _resolve_dir(Path(path))
-    if not src.exists():
-        raise InputError(f"{path}: no such checkpoint; give a model directory, a run directory or a .gguf file")
-    info: dict[str, Any] = {"path": str(Path(path).absolute()), "loaded_from": str(src.absolute())}
+    from memsurgery.checkpoint.hub import describe_source, resolve_checkpoint
+
+    src = _resolve_dir(resolve_checkpoint(path))  # a Hub id becomes its cached snapshot
+    info: dict[str, Any] = {"path": describe_source(path), "loaded_from": str(src.absolute())}
     cfg = src / "config.json"
     if src.is_dir() and cfg.exists() and hf.is_grafted_config(json.loads(cfg.read_text(encoding="utf-8"))):
         model = hf.load_grafted(src, dtype=dtype)
@@ -458,9 +458,11 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
         raise InputError(f"--limit {limit}: must be at least 1")
     if out is not None:
         check_output_dir(Path(out), force)
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+
     for label, m in (("model", model_or_path), ("baseline", baseline)):
-        if isinstance(m, (str, Path)) and not Path(m).exists():
-            raise InputError(f"{m}: no such {label} checkpoint; give a model directory, a run directory or a .gguf file")
+        if isinstance(m, (str, Path)):
+            resolve_checkpoint(m, what=f"{label} checkpoint")  # fails (or downloads) before any work
     sets = [(n, limit_items(items, limit)) for n, items in _load_sets(facts)]
     n_items = {n: len(items) for n, items in sets}
 

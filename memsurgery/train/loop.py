@@ -57,7 +57,12 @@ def _default_log(msg: str) -> None:
 
 
 def load_model_and_tokenizer(path: str):
-    p = Path(path)
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+
+    try:
+        p = resolve_checkpoint(path, what="model")  # a Hub id becomes its cached snapshot
+    except InputError as err:
+        raise InputError(f"model: {err}") from None
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"model: {path} is not a Hugging Face model directory (no config.json); "
@@ -882,7 +887,9 @@ def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> Non
         if grafted:
             extra = {"train.json": info}
             # Keep the graft's provenance (source SHA-256, plan, init statistics) with the trained model.
-            graft_json = Path(recipe.model) / "graft.json"
+            from memsurgery.checkpoint.hub import resolve_checkpoint
+
+            graft_json = resolve_checkpoint(recipe.model) / "graft.json"
             if graft_json.is_file():
                 extra["graft.json"] = graft_json.read_text(encoding="utf-8")
             hf.save_grafted(out.to("cpu"), tmp, tokenizer=tokenizer, extra_files=extra)
