@@ -17,6 +17,7 @@ import torch
 from memsurgery import __version__
 from memsurgery._atomic import atomic_output_dir, check_output_dir
 from memsurgery.checkpoint import open_checkpoint
+from memsurgery.checkpoint.hub import describe_source
 from memsurgery.checkpoint.writer import parse_size, save_hf_model
 
 
@@ -38,7 +39,7 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, shard_size: str | in
 
     spec = spec_for_config(ckpt.config)
     ckpt.validate()
-    if Path(src).absolute() == out.absolute() or out.absolute() in Path(src).absolute().parents:
+    if ckpt.path.absolute() == out.absolute() or out.absolute() in ckpt.path.absolute().parents:
         raise InputError(f"{out}: output must not be the source checkpoint or contain it")
     log(f"reading {ckpt.format} checkpoint {ckpt.path}")
     model = ckpt.load_model(dtype=getattr(torch, dtype))
@@ -50,20 +51,31 @@ def convert_checkpoint(src: str | Path, out: str | Path, *, shard_size: str | in
         save_hf_model(model, tmp, max_shard_size=max_shard, tokenizer=tokenizer)
         provenance = {
             "tool": f"memsurgery {__version__}",
-            "source": str(Path(src).absolute()),
+            "source": describe_source(src),
             "source_format": ckpt.format,
             "source_weights_sha256": source_sha,
             "dtype": dtype,
             "family": spec.family,
+            **_origin(ckpt, source_sha),
         }
         (tmp / "memsurgery-convert.json").write_text(json.dumps(provenance, indent=2) + "\n")
         files = sorted(p.name for p in tmp.iterdir())
     return {
         "out": str(out.absolute()),
-        "source": str(Path(src).absolute()),
+        "source": describe_source(src),
         "source_format": ckpt.format,
         "source_weights_sha256": source_sha,
         "files": files,
         "load_seconds": round(t_load, 2),
         "total_seconds": round(time.perf_counter() - t0, 2),
     }
+
+
+def _origin(ckpt, source_sha: str) -> dict:
+    """{base_model, license} of the source, for the model cards of what is made from it."""
+    from memsurgery.checkpoint.fetch import DEMO_BASE_MODEL, DEMO_LICENSE, DEMO_SHA256
+    from memsurgery.checkpoint.hub import origin
+
+    if source_sha == DEMO_SHA256:
+        return {"base_model": DEMO_BASE_MODEL, "license": DEMO_LICENSE}
+    return origin(ckpt.root)

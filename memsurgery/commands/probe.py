@@ -6,7 +6,6 @@ A thin wrapper: parse flags, call memsurgery.probe.api.run_probe (or api.explain
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -17,7 +16,8 @@ from memsurgery.commands._common import device_option, dtype_option, emit_json
 
 
 def _print(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+    # Progress on stdout: stderr carries only the one-line error (docs/cli.md).
+    print(msg, flush=True)
 
 
 def _summary_lines(report: dict) -> list[str]:

@@ -142,7 +142,8 @@ def memory_block(model) -> dict:
 
 def _config_json(model) -> str:
     data = json.loads(model.config.to_json_string(use_diff=True))
-    for key in ("quantization_config", "_name_or_path"):
+    # _model_name_or_path: GGUF's general.name, carried along by transformers' GGUF loader
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         data.pop(key, None)
     data["architectures"] = [type(model).__name__]
     data["auto_map"] = {**(data.get("auto_map") or {}), **AUTO_MAP}
@@ -209,13 +210,9 @@ def save_grafted(
     written.append("generation_config.json")
 
     if tokenizer is not None:
-        before = {p for p in out_dir.rglob("*") if p.is_file()}
-        tokenizer.save_pretrained(str(out_dir))
-        written += sorted(
-            str(p.relative_to(out_dir))
-            for p in out_dir.rglob("*")
-            if p.is_file() and p not in before
-        )
+        from memsurgery.checkpoint.writer import save_tokenizer
+
+        written += save_tokenizer(tokenizer, out_dir)
 
     for name, content in extra.items():
         path = out_dir / name

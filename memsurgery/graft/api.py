@@ -28,6 +28,7 @@ import torch
 from memsurgery import __version__
 from memsurgery._atomic import atomic_output_dir, check_output_dir
 from memsurgery._vocab import resolve_device
+from memsurgery.checkpoint.hub import describe_source, origin
 from memsurgery.errors import InputError
 from memsurgery.graft.plan import GraftPlan, build_plan
 
@@ -70,14 +71,13 @@ def _model_card(out_name: str, source: str, plan: GraftPlan, layers: list[int], 
         for L, u in ((int(k), v) for k, v in report["usage"].items())
     )
     check = report.get("check", {})
-    return f"""---
-library_name: transformers
-tags:
-- memsurgery
-- memory-layers
-- product-key-memory
-base_model_relation: adapter
----
+    from memsurgery.export.card import front_matter, portable
+
+    head = "\n".join(front_matter(base_model=report.get("base_model"), license=report.get("license"),
+                                  relation="finetune", library="transformers",
+                                  tags=["memsurgery", "memory-layers", "product-key-memory"]))
+    source = portable(source)
+    return head + f"""
 
 # {out_name}
 
@@ -163,9 +163,10 @@ def graft(
 
     report = {
         "schema": "memsurgery.graft/1",
-        "source": str(Path(ckpt).absolute()),
+        "source": describe_source(ckpt),
         "source_format": src.format,
         "source_sha256": source_sha,
+        **origin(src.root),  # base_model (a Hub id) and license, for the model cards downstream
         "plan": plan.model_dump(mode="json"),
         "layers": layers,
         "mode": plan.mode,
@@ -390,7 +391,7 @@ def _write(out: Path, ckpt, model, tokenizer, plan: GraftPlan, layers: list[int]
     with atomic_output_dir(out, force=force) as tmp:
         report["timings"]["write"] = 0.0
         extra = {"graft.json": json.dumps(report, indent=2, default=str) + "\n",
-                 "README.md": _model_card(out.name, str(Path(ckpt).absolute()), plan, layers, report)}
+                 "README.md": _model_card(out.name, report["source"], plan, layers, report)}
         hf.save_grafted(model, tmp, tokenizer=tokenizer, extra_files=extra)
         timings["write"] = time.perf_counter() - t
         report["timings"] = timings

@@ -94,7 +94,7 @@ def test_failed_verification_leaves_no_output(grafted_dir, tmp_path, monkeypatch
 
     run, _ = grafted_dir
     # A reload that disagrees with the in-memory model (as a broken writer would produce).
-    monkeypatch.setattr(ex, "_reload_logits", lambda out_dir, ids, dtype: torch.full((*ids.shape, 256), 9.0))
+    monkeypatch.setattr(ex, "_reload_logits", lambda out_dir, ids, dtype, device="cpu": torch.full((*ids.shape, 256), 9.0))
     out = tmp_path / "never"
     with pytest.raises(RuntimeFailure, match="differ"):
         ex.export(run, out)
