@@ -103,7 +103,10 @@ def load_grafted(path, **kwargs):
             f"{path}: not a grafted checkpoint (model_type {data.get('model_type')!r}, no memory block)"
         )
     register(data["model_type"][len(MODEL_TYPE_PREFIX) :])
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from memsurgery.checkpoint.reader import _quiet_transformers
+
+    with _quiet_transformers():  # no progress bar or load report: stderr is for the one-line error
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 # ------------------------------------------------------------------ inspection
