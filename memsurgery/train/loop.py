@@ -128,7 +128,7 @@ def _device(spec) -> torch.device:
 
 
 class _Reporter:
-    """metrics.jsonl, optional TensorBoard, progress bar or periodic log lines (rank 0 only)."""
+    """metrics.jsonl, an optional tracker (train/tracking.py), progress bar or log lines (rank 0 only)."""
 
     def __init__(self, run_dir: Path | None, recipe: Recipe, total: int, start: int, main: bool, log):
         self.main, self.log, self.total = main, log, total
@@ -140,14 +140,13 @@ class _Reporter:
             return
         # Open for the whole run (closed in close()); each record is flushed as written.
         self.fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if recipe.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        from memsurgery.train.tracking import build_logger
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log("warning: log.tensorboard is on but tensorboard is not installed "
-                    "(pip install tensorboard); logging to metrics.jsonl only")
+        spec = recipe.log
+        self.tb = build_logger(spec.backend, run_dir, project=spec.project, run_name=spec.run_name,
+                               tracking_uri=spec.tracking_uri, log=log)
+        if self.tb is not None:
+            self.tb.log_config(recipe.model_dump(mode="json"))
         mode = recipe.log.progress
         if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -165,9 +164,9 @@ class _Reporter:
             self.fh.write(json.dumps(rec) + "\n")
             self.fh.flush()
         if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec.get("step", 0))
+            from memsurgery.train.tracking import scalars
+
+            self.tb.log_dict(scalars(rec), rec.get("step", 0))
 
     def step(self, step: int, rec: dict, line: bool) -> None:
         if not self.main:

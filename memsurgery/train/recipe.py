@@ -223,8 +223,22 @@ class CheckpointSpec(_Strict):
 
 class LogSpec(_Strict):
     every: int = 10
+    # Experiment tracker beside metrics.jsonl (train/tracking.py); tensorboard: true is the
+    # older spelling of backend: tensorboard.
+    backend: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    project: str | None = None  # W&B project / MLflow experiment (default "memsurgery")
+    run_name: str | None = None  # default: the output directory's name
+    tracking_uri: str | None = None  # MLflow only (default: MLFLOW_TRACKING_URI, else ./mlruns)
     tensorboard: bool = False
     progress: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _tensorboard_alias(self):
+        if self.tensorboard and self.backend not in ("none", "tensorboard"):
+            raise ValueError(f"tensorboard: true and backend: {self.backend} name two trackers; keep backend")
+        if self.tensorboard:
+            self.backend = "tensorboard"
+        return self
 
     @field_validator("progress", mode="before")
     @classmethod
