@@ -52,6 +52,10 @@ def _summary_lines(report: dict) -> list[str]:
                          f"{100 * ab['unknown_attempted_wrong_after']:.1f}%")
     if report.get("retention"):
         lines.append(f"held-out perplexity {report['retention']['perplexity']:.3f}")
+    from memsurgery.probe.sections import lm_eval_rows
+
+    for task, metric, value, base in lm_eval_rows(report):
+        lines.append(f"lm-eval {task} {metric}: {value}" + (f" (baseline {base})" if base else ""))
     return lines
 
 
@@ -71,6 +75,12 @@ def probe(
     ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
     signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
     explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),
+    lm_eval_tasks: Optional[str] = typer.Option(
+        None, "--lm-eval-tasks", metavar="TASKS", help="Also run these lm-evaluation-harness tasks (comma-separated) "
+                                                       "on the model (and the baseline), in this process."),
+    lm_eval_include: Optional[Path] = typer.Option(
+        None, "--lm-eval-include", help="Directory of local lm-eval task YAMLs (offline machines)."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="At most N documents per lm-eval task."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the report (or --explain result) as JSON."),
 ) -> None:
@@ -93,7 +103,8 @@ def probe(
     report = api.run_probe(ckpt, facts=facts or ["builtin:world"], baseline=baseline, out=out, limit=limit,
                            device=device, template=template, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, ppl_tokens=ppl_tokens, primary_signal=signal,
-                           force=force, dtype=dtype, log=(lambda m: None) if json_out else _print)
+                           force=force, dtype=dtype, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                           lm_eval_limit=lm_eval_limit, log=(lambda m: None) if json_out else _print)
     if json_out:
         from memsurgery.probe.report import _clean
 

@@ -441,6 +441,7 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
               device: str = "auto", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
               signals: bool = True, primary_signal: str | None = None, abstain_logprob: float | None = None,
               residual_layer: int | str | None = "auto", force: bool = False, dtype: str = "float32",
+              lm_eval_tasks=None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
               log=lambda msg: None) -> dict:
     """Probe a model (and optionally a baseline) on fact sets; write reports to `out` if given.
 
@@ -454,6 +455,9 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
         raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
     dtype = canonical_dtype(dtype)
     resolve_device(device)  # a bad --device fails before anything loads
+    from memsurgery.probe import lm_eval_tasks as lm_eval_mod
+
+    lm_job = lm_eval_mod.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit)  # tasks checked up front
     if limit is not None and limit < 1:
         raise InputError(f"--limit {limit}: must be at least 1")
     if out is not None:
@@ -490,12 +494,17 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
     if base_model is not None and hf.is_grafted_model(base_model) and hf.is_grafted_model(model):
         ref = base_model.memory_bank.values.weight.detach()
     res, samples = _run_one(model, tokenizer, sets, reference_values=ref, **kw)
+    if lm_job:  # lm-eval tasks on the same loaded model (report["lm_eval"])
+        res["lm_eval"] = lm_eval_mod.run_lm_eval(model, tokenizer, lm_job, batch_size=batch_size, log=log)
     report: dict[str, Any] = {}
     report.update(_lm_eval_sections(res, sets, template, max_new_tokens, DEFAULT_STOPS, n_items))
     report.update({"schema": SCHEMA, "model": info, "fact_sets": n_items, "template": template,
                    "grafted": hf.is_grafted_model(model), **res})
     if base_model is not None:
         base_res, base_samples = _run_one(base_model, base_tok, sets, reference_values=None, **kw)
+        if lm_job:
+            base_res["lm_eval"] = lm_eval_mod.run_lm_eval(base_model, base_tok, lm_job, batch_size=batch_size,
+                                                          log=log)
         report["baseline"] = {"model": base_info, "grafted": hf.is_grafted_model(base_model), **base_res}
         report["deltas"] = _deltas(res, base_res)
         for s in base_samples:

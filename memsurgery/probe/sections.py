@@ -300,6 +300,11 @@ def tables(report: dict) -> list[tuple[str, list[str], list[list[str]]]]:
     tables.append(("Hallucination, calibration, retention", ["metric", "trained"] + (["base"] if base else []),
                    rows))
     tables += _signal_tables(report)
+    lm_rows = lm_eval_rows(report)
+    if lm_rows:
+        tables.append(("lm-evaluation-harness tasks", ["task", "metric", "trained"]
+                       + (["base"] if report.get("baseline") else []),
+                       [r if report.get("baseline") else r[:3] for r in lm_rows]))
     tel = report.get("telemetry")
     if tel:
         rows = [[set_name, L, num(st["pct_used"], 2) + "%", num(st.get("kl_uniform_count")),
@@ -393,3 +398,18 @@ def _drop_empty_columns(header: list[str], rows: list[list[str]]) -> tuple[list[
     """Leave out columns no row has a value for (e.g. question AUROCs of a probe without questions)."""
     keep = [i for i in range(len(header)) if i == 0 or any(r[i] not in ("", "n/a") for r in rows)]
     return [header[i] for i in keep], [[r[i] for i in keep] for r in rows]
+
+
+def lm_eval_rows(report: dict) -> list[list[str]]:
+    """[task, metric, trained, base] for every lm-eval result (`probe --lm-eval-tasks`)."""
+    res = (report.get("lm_eval") or {}).get("results") or {}
+    bres = ((report.get("baseline") or {}).get("lm_eval") or {}).get("results") or {}
+    rows = []
+    for task, metrics in res.items():
+        for key, v in metrics.items():
+            if key == "alias" or "_stderr" in key or not isinstance(v, (int, float)):
+                continue
+            b = (bres.get(task) or {}).get(key)
+            rows.append([task, key.removesuffix(",none"), num(float(v), 4),
+                         num(float(b), 4) if isinstance(b, (int, float)) else ""])
+    return rows
