@@ -163,9 +163,7 @@ def graft(
 
     report = {
         "schema": "memsurgery.graft/1",
-        "source": describe_source(ckpt),
-        "source_format": src.format,
-        "source_sha256": source_sha,
+        "source": describe_source(ckpt), "source_format": src.format, "source_sha256": source_sha,
         **origin(src.root),  # base_model (a Hub id) and license, for the model cards downstream
         "plan": plan.model_dump(mode="json"),
         "layers": layers,

@@ -436,6 +436,27 @@ def _lm_eval_sections(res: dict, sets, template: str, max_new_tokens: int, stops
     return {"results": results, "configs": configs, "versions": versions, "n-samples": n_samples}
 
 
+def _check_inputs(model_or_path, baseline, facts, *, template, dtype, device, limit, out, force, lm_eval):
+    """Every input checked before a model loads: (dtype name, lm-eval job or None, fact sets)."""
+    from memsurgery._atomic import check_output_dir
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+    from memsurgery.probe import lm_eval_tasks as lm_eval_mod
+
+    if template not in TEMPLATE_CHOICES:
+        raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
+    dtype = canonical_dtype(dtype)
+    resolve_device(device)
+    lm_job = lm_eval_mod.prepare(*lm_eval)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if out is not None:
+        check_output_dir(Path(out), force)
+    for label, m in (("model", model_or_path), ("baseline", baseline)):
+        if isinstance(m, (str, Path)):
+            resolve_checkpoint(m, what=f"{label} checkpoint")  # fails (or downloads) before any work
+    return dtype, lm_job, [(n, limit_items(items, limit)) for n, items in _load_sets(facts)]
+
+
 def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None, out=None, *,
               tokenizer=None, baseline_tokenizer=None, limit: int | None = None, template: str = "auto",
               device: str = "auto", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
@@ -449,25 +470,11 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
     `memsurgery train` run dir, GGUF file). Returns the report dict (see docs/probe.md).
     """
     from memsurgery import __version__
-    from memsurgery._atomic import check_output_dir
-
-    if template not in TEMPLATE_CHOICES:
-        raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
-    dtype = canonical_dtype(dtype)
-    resolve_device(device)  # a bad --device fails before anything loads
     from memsurgery.probe import lm_eval_tasks as lm_eval_mod
 
-    lm_job = lm_eval_mod.prepare(lm_eval_tasks, lm_eval_include, lm_eval_limit)  # tasks checked up front
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit {limit}: must be at least 1")
-    if out is not None:
-        check_output_dir(Path(out), force)
-    from memsurgery.checkpoint.hub import resolve_checkpoint
-
-    for label, m in (("model", model_or_path), ("baseline", baseline)):
-        if isinstance(m, (str, Path)):
-            resolve_checkpoint(m, what=f"{label} checkpoint")  # fails (or downloads) before any work
-    sets = [(n, limit_items(items, limit)) for n, items in _load_sets(facts)]
+    dtype, lm_job, sets = _check_inputs(model_or_path, baseline, facts, template=template, dtype=dtype,
+                                        device=device, limit=limit, out=out, force=force,
+                                        lm_eval=(lm_eval_tasks, lm_eval_include, lm_eval_limit))
     n_items = {n: len(items) for n, items in sets}
 
     def _get(m, tok, label):
