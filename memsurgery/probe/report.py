@@ -58,10 +58,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
 def summary_markdown(report: dict) -> list[str]:
     """The summary block as Markdown lines (also used by the export's model card)."""
     base = bool(report.get("baseline"))
-    header = ["", "n", "trained"] + (["base", "change"] if base else [])
-    rows = [[r["label"].strip() if not r["label"].startswith("  ") else "- " + r["label"].strip(),
-             "" if r["n"] is None else str(r["n"]), fmt_value(r["model"], r["kind"])]
-            + ([fmt_value(r["base"], r["kind"]), fmt_delta(r)] if base else []) for r in summary_rows(report)]
+    header = ["", "n"] + (["base"] if base else []) + ["trained"] + (["change"] if base else [])
+    rows = [[(r["label"].strip() + (f" ({r['what']})" if r["what"] else "")) if not r["label"].startswith("  ")
+             else "- " + r["label"].strip(),
+             "" if r["n"] is None else str(r["n"])] + ([fmt_value(r["base"], r["kind"])] if base else [])
+            + [fmt_value(r["model"], r["kind"])] + ([fmt_delta(r)] if base else []) for r in summary_rows(report)]
     lines = [headline(report), ""] if headline(report) else []
     if rows:
         lines += _md_table(header, rows) + [""]

@@ -86,7 +86,7 @@ _ROWS = (  # (key, label, what it measures, higher is better)
     ("completions", "  held-out completions", "", True),
     ("injected", "Injected facts", "all phrasings (no train / held-out split)", True),
     ("known", "Locality: known facts", "real-world facts the base knew", True),
-    ("perplexity", "Locality: perplexity", "held-out general text (lower is better)", False),
+    ("perplexity", "Locality: perplexity", "held-out general text; lower is better", False),
     ("unknown_wrong", "Hallucination", "never-trained entities: answered and wrong", False),
     ("unknown_wrong_questions", "  on questions", "", False),
 )

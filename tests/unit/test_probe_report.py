@@ -83,13 +83,13 @@ def test_result_block_comes_first_with_base_to_trained(probed):
     md = (tmp / "p" / "report.md").read_text()
     first = md.split("## ", 2)[1]  # the first section
     assert first.startswith("Result")
-    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+    rows = {line.split("|")[1].strip().split(" (")[0]: [c.strip() for c in line.split("|")[2:-1]]  # n, base, trained
             for line in first.splitlines() if line.startswith("| ")}
-    assert rows["Reliability"] == ["8", "75.0%", "0.0%", "+75.0 pt"]
-    assert rows["Generalization"] == ["16", "25.0%", "0.0%", "+25.0 pt"]
-    assert rows["Locality: known facts"] == ["10", "70.0%", "80.0%", "-10.0 pt"]
-    assert rows["Locality: perplexity"] == ["", "20.000", "19.000", "+5.26%"]
-    assert rows["Hallucination"] == ["8", "75.0%", "100.0%", "-25.0 pt"]
+    assert rows["Reliability"] == ["8", "0.0%", "75.0%", "+75.0 pt"]
+    assert rows["Generalization"] == ["16", "0.0%", "25.0%", "+25.0 pt"]
+    assert rows["Locality: known facts"] == ["10", "80.0%", "70.0%", "-10.0 pt"]
+    assert rows["Locality: perplexity"] == ["", "19.000", "20.000", "+5.26%"]
+    assert rows["Hallucination"] == ["8", "100.0%", "75.0%", "-25.0 pt"]
     # the abstention trade-off, one sentence: the signal separates perfectly here, so every
     # unknown answer is dropped while the kept share of correct injected answers is reported
     ab = report["signals"]["abstention"]
@@ -170,7 +170,7 @@ def test_older_and_dense_reports_degrade(probed):
     plain = [{k: v for k, v in s.items() if k != "signals"} for s in samples if s.get("model") != "baseline"]
     md = R.render_markdown(R._clean(old), plain)
     rows = [line for line in md.split("## Result", 1)[1].split("## ", 1)[0].splitlines() if line.startswith("| ")]
-    labels = [r.split("|")[1].strip() for r in rows[1:]]
+    labels = [r.split("|")[1].strip().split(" (")[0] for r in rows[1:]]
     # no train/held-out split known: injected facts overall, then locality and hallucination
     assert labels == ["Injected facts", "Locality: known facts", "Locality: perplexity", "Hallucination"]
     assert "Abstaining" not in md
