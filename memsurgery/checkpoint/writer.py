@@ -179,6 +179,7 @@ def _config_json(model) -> str:
     data = json.loads(cfg.to_json_string(use_diff=True))
     data.pop("quantization_config", None)
     data.pop("_name_or_path", None)
+    data.pop("_model_name_or_path", None)  # GGUF's general.name, as transformers' GGUF loader files it
     data["architectures"] = [type(model).__name__]
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
@@ -213,4 +214,24 @@ def save_hf_model(
         generation_config = GenerationConfig.from_model_config(model.config)
     generation_config.save_pretrained(str(out_dir))
     if tokenizer is not None:
-        tokenizer.save_pretrained(str(out_dir))
+        save_tokenizer(tokenizer, out_dir)
+
+
+# Written by transformers from the loading call, not properties of the tokenizer; an auto_map
+# would make AutoTokenizer ask to run remote code for a tokenizer that needs none.
+_TOKENIZER_CONFIG_DROP = ("is_local", "local_files_only", "name_or_path", "_commit_hash", "auto_map",
+                          "trust_remote_code")
+
+
+def save_tokenizer(tokenizer, out_dir: Path) -> list[str]:
+    """tokenizer.save_pretrained(out_dir) with a standard, portable tokenizer_config.json
+    (no load-time keys, no auto_map); returns the file names written."""
+    out_dir = Path(out_dir)
+    before = {p for p in out_dir.rglob("*") if p.is_file()}
+    tokenizer.save_pretrained(str(out_dir))
+    cfg_path = out_dir / "tokenizer_config.json"
+    if cfg_path.is_file():
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+        cfg = {k: v for k, v in cfg.items() if k not in _TOKENIZER_CONFIG_DROP}
+        cfg_path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return sorted(str(p.relative_to(out_dir)) for p in out_dir.rglob("*") if p.is_file() and p not in before)

@@ -47,3 +47,22 @@ def allow_pickle_option():
 
 def quick_option():
     return typer.Option(False, "--quick", help="Tiny sizes (seconds), for smoke tests.")
+
+
+def device_option(what: str = "Where the model runs"):
+    from memsurgery._vocab import DEFAULT_DEVICE
+
+    return typer.Option(DEFAULT_DEVICE, "--device", help=f"{what}: auto (cuda when available), cpu or cuda.")
+
+
+def dtype_option(default: str, allowed: tuple[str, ...], what: str):
+    """--dtype with its canonical names; the aliases fp32/bf16/fp16 are accepted too."""
+    return typer.Option(default, "--dtype", help=f"{what}: {', '.join(allowed)} (fp32/bf16/fp16 accepted).")
+
+
+def slots_text(n: int) -> str:
+    """1048576 -> '1M', 65536 -> '64K': a slot count the way --slots is written."""
+    for suffix, scale in (("M", 1 << 20), ("K", 1 << 10)):
+        if n % scale == 0:
+            return f"{n // scale}{suffix}"
+    return str(n)

@@ -7,7 +7,16 @@ from typing import Optional
 
 import typer
 
-from memsurgery.commands._common import console, emit_json, parse_layers, progress, quick_option
+from memsurgery.commands._common import (
+    console,
+    device_option,
+    emit_json,
+    parse_layers,
+    progress,
+    quick_option,
+    slots_text,
+)
+from memsurgery.graft.defaults import DEFAULTS as D
 
 HELP = "Benchmarks (timings are ratios measured side by side in one run)."
 
@@ -15,7 +24,7 @@ HELP = "Benchmarks (timings are ratios measured side by side in one run)."
 def kernels(
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),
     quick: bool = quick_option(),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: str = device_option("Where the kernels run"),
 ) -> None:
     """Embedding-bag forward/backward: ours vs torch.nn.functional.embedding_bag, GB/s side by side."""
     from memsurgery.bench.kernels import run_kernel_bench
@@ -26,7 +35,7 @@ def kernels(
 
 def throughput(
     ckpt: Optional[Path] = typer.Argument(None, help="Dense checkpoint (default: the demo SmolLM2)."),
-    slots: str = typer.Option("1M", "--slots", help="Memory slots."),
+    slots: str = typer.Option(slots_text(D["slots"]), "--slots", help="Memory slots of the grafts measured."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Memory layers (default 3 evenly spaced)."),
     reps: int = typer.Option(3, "--reps", help="Timed repetitions per model."),
     json_out: bool = typer.Option(False, "--json", help="Print results as JSON."),

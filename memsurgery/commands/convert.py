@@ -6,14 +6,15 @@ from pathlib import Path
 
 import typer
 
-from memsurgery.commands._common import allow_pickle_option, console, emit_json, progress
+from memsurgery._vocab import DTYPES
+from memsurgery.commands._common import allow_pickle_option, console, dtype_option, emit_json, progress
 
 
 def convert(
     src: Path = typer.Argument(..., help="GGUF file, HF directory, or .safetensors file beside a config.json."),
     out: Path = typer.Argument(..., help="Output directory (must not exist or be empty unless --force)."),
     shard_size: str = typer.Option("2GB", "--shard-size", help="Largest safetensors shard, e.g. 2GB, 500MB."),
-    dtype: str = typer.Option("fp32", "--dtype", help="Weight dtype written: fp32, bf16 or fp16."),
+    dtype: str = dtype_option("float32", DTYPES, "Weight dtype written"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty output directory."),
     allow_pickle: bool = allow_pickle_option(),
     json_out: bool = typer.Option(False, "--json", help="Print a machine-readable report."),

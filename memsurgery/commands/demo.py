@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
-
 import typer
 
-from memsurgery.commands._common import console
+# memsurgery.demo is light to import (torch comes in stage by stage): its sizes give the help text.
+from memsurgery import demo as _demo
+from memsurgery.commands._common import console, emit_json
 
 
 def fetch_demo() -> None:
@@ -19,12 +19,18 @@ def fetch_demo() -> None:
 
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Directory for everything the demo writes."),
-    people: Optional[int] = typer.Option(None, "--people", help="Fictional people to teach (6 facts each; default 20)."),
-    steps: Optional[int] = typer.Option(None, "--steps", help="Training steps (default 150)."),
-    world_limit: Optional[int] = typer.Option(None, "--world-limit", help="Real-world facts probed (default 200)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the inspect report as JSON."),
+    people: int = typer.Option(_demo.DEMO_PEOPLE, "--people", help="Fictional people to teach (6 facts each)."),
+    steps: int = typer.Option(_demo.DEMO_STEPS, "--steps", help="Training steps."),
+    world_limit: int = typer.Option(_demo.DEMO_WORLD_LIMIT, "--world-limit", help="Real-world facts probed."),
+    json_out: bool = typer.Option(
+        False, "--json", help="Print the demo's result (summary, timings, output paths) as JSON on stdout; "
+                              "progress goes to stderr."),
 ) -> None:
     """The main job: fetch SmolLM2-135M -> convert -> inspect -> graft -> train -> probe -> export."""
-    from memsurgery.demo import run_demo
+    from rich.console import Console
 
-    run_demo(out, console=console(), json_out=json_out, people=people, steps=steps, world_limit=world_limit)
+    # With --json, stdout carries only the JSON document: every stage prints to stderr.
+    screen = Console(stderr=True) if json_out else console()
+    result = _demo.run_demo(out, console=screen, people=people, steps=steps, world_limit=world_limit)
+    if json_out:
+        emit_json({k: result[k] for k in ("summary", "timings", "hf_dir", "probe_dir", "export_dir")})

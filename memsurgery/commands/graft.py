@@ -7,7 +7,8 @@ from typing import Optional
 
 import typer
 
-from memsurgery.commands._common import allow_pickle_option, console, emit_json, progress
+from memsurgery.graft.defaults import DEFAULTS as D
+from memsurgery.commands._common import allow_pickle_option, console, device_option, emit_json, progress, slots_text
 
 
 def graft(
@@ -15,22 +16,23 @@ def graft(
     out: Path = typer.Argument(..., help="Output directory for the grafted checkpoint."),
     plan_file: Optional[Path] = typer.Option(None, "--plan", help="graft.yaml with the same fields; flags override it."),
     layers: Optional[str] = typer.Option(None, "--layers", help="e.g. 8,16,24, 'auto' (causal tracing) or 'default' (3 evenly spaced)."),
-    slots: Optional[str] = typer.Option(None, "--slots", help="Memory slots, a perfect square: 64K, 1M (default 1M)."),
-    heads: Optional[int] = typer.Option(None, "--heads", help="Memory heads (default 4)."),
-    knn: Optional[int] = typer.Option(None, "--knn", help="Slots read per head per token (default 32)."),
-    k_dim: Optional[int] = typer.Option(None, "--k-dim", help="Query/key dimension, even (default 256)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="parallel (beside the FFN, default) or replace (instead of it)."),
-    keys: Optional[str] = typer.Option(None, "--keys", help="faiss (k-means on activations, default) or random."),
-    query_init: Optional[str] = typer.Option(None, "--query-init", help="pca (default), orthogonal or random."),
+    slots: Optional[str] = typer.Option(None, "--slots", help=f"Memory slots, a perfect square: 64K, 1M (default {slots_text(D['slots'])})."),
+    heads: Optional[int] = typer.Option(None, "--heads", help=f"Memory heads (default {D['heads']})."),
+    knn: Optional[int] = typer.Option(None, "--knn", help=f"Slots read per head per token (default {D['knn']})."),
+    k_dim: Optional[int] = typer.Option(None, "--k-dim", help=f"Query/key dimension, even (default {D['k_dim']})."),
+    mode: Optional[str] = typer.Option(None, "--mode", help=f"parallel (beside the FFN) or replace (instead of it) (default {D['mode']})."),
+    keys: Optional[str] = typer.Option(None, "--keys", help=f"faiss (k-means on activations) or random (default {D['keys']})."),
+    query_init: Optional[str] = typer.Option(None, "--query-init", help=f"pca, orthogonal or random (default {D['query_init']})."),
     values: Optional[str] = typer.Option(None, "--values", help="zero | random | distill (default: zero for parallel, distill for replace)."),
     gate: Optional[str] = typer.Option(None, "--gate", help="relevance | none (default: relevance for parallel, none for replace)."),
-    value_dtype: Optional[str] = typer.Option(None, "--value-dtype", help="float32 (default) or bfloat16 value table."),
+    value_dtype: Optional[str] = typer.Option(None, "--value-dtype", help=f"Value table dtype: float32 or bfloat16, fp32/bf16 accepted (default {D['value_dtype']})."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration text: .txt/.jsonl/.parquet (default: bundled general English)."),
-    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help="Calibration tokens for key init (default 32768)."),
-    heldout_tokens: Optional[int] = typer.Option(None, "--heldout-tokens", help="Held-out tokens for usage stats and checks (default 16384)."),
-    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help="Joint optimizer steps over the replaced layers for --values distill (default 150)."),
+    calib_tokens: Optional[int] = typer.Option(None, "--calib-tokens", help=f"Calibration tokens for key init (default {D['calib_tokens']})."),
+    heldout_tokens: Optional[int] = typer.Option(None, "--heldout-tokens", help=f"Held-out tokens for usage stats and checks (default {D['heldout_tokens']})."),
+    distill_steps: Optional[int] = typer.Option(None, "--distill-steps", help=f"Joint optimizer steps over the replaced layers for --values distill (default {D['distill_steps']})."),
     trace: Optional[str] = typer.Option(None, "--trace", help="Fact JSONL for --layers auto (default: bundled facts)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed (default 0)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help=f"Random seed (default {D['seed']})."),
+    device: str = device_option("Where activations are captured and the graft checked"),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty OUT; skip the RAM check."),
     allow_pickle: bool = allow_pickle_option(),
     json_out: bool = typer.Option(False, "--json", help="Print the graft report as JSON."),
@@ -45,7 +47,7 @@ def graft(
                  calib_tokens=calib_tokens, heldout_tokens=heldout_tokens, distill_steps=distill_steps,
                  trace_facts=trace, seed=seed)
     fields.update({k: v for k, v in flags.items() if v is not None})
-    _, report = run_graft(ckpt, out, plan=fields, force=force, allow_pickle=allow_pickle,
+    _, report = run_graft(ckpt, out, plan=fields, force=force, allow_pickle=allow_pickle, device=device,
                           log=progress(json_out))
     if json_out:
         emit_json(report)

@@ -7,16 +7,17 @@ from typing import Optional
 
 import typer
 
-from memsurgery.commands._common import allow_pickle_option, console, emit_json, parse_layers
+from memsurgery.commands._common import allow_pickle_option, console, emit_json, parse_layers, slots_text
+from memsurgery.graft.defaults import DEFAULTS as D
 
 
 def inspect_cmd(
     ckpt: Path = typer.Argument(..., help="Checkpoint: HF directory, .safetensors file or .gguf file."),
     json_out: bool = typer.Option(False, "--json", help="Print the stable JSON report (docs/cli.md)."),
-    slots: str = typer.Option("64K", "--slots", help="Proposed memory slots (perfect square), e.g. 64K, 1M."),
-    heads: int = typer.Option(4, "--heads", help="Proposed memory heads."),
-    knn: int = typer.Option(32, "--knn", help="Proposed top-k per head."),
-    k_dim: int = typer.Option(256, "--k-dim", help="Proposed key dimension (even)."),
+    slots: str = typer.Option(slots_text(D["slots"]), "--slots", help="Proposed memory slots (perfect square), e.g. 64K, 1M; graft's default."),
+    heads: int = typer.Option(D["heads"], "--heads", help="Proposed memory heads."),
+    knn: int = typer.Option(D["knn"], "--knn", help="Proposed top-k per head."),
+    k_dim: int = typer.Option(D["k_dim"], "--k-dim", help="Proposed key dimension (even)."),
     layers: Optional[str] = typer.Option(None, "--layers", help="Proposed layers, e.g. 8,16,24 (default: 3 evenly spaced)."),
     allow_pickle: bool = allow_pickle_option(),
     trace: Optional[str] = typer.Option(None, "--trace", help="Also run causal tracing (loads the weights): a fact JSONL, or 'builtin'; prints the per-layer profile that graft --layers auto uses."),

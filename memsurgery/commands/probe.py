@@ -6,17 +6,18 @@ A thin wrapper: parse flags, call memsurgery.probe.api.run_probe (or api.explain
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from memsurgery.commands._common import emit_json
+from memsurgery._vocab import DTYPES
+from memsurgery.commands._common import device_option, dtype_option, emit_json
 
 
 def _print(msg: str) -> None:
-    sys.stderr.write(msg + "\n")
+    # Progress on stdout: stderr carries only the one-line error (docs/cli.md).
+    print(msg, flush=True)
 
 
 def _summary_lines(report: dict) -> list[str]:
@@ -51,6 +52,10 @@ def _summary_lines(report: dict) -> list[str]:
                          f"{100 * ab['unknown_attempted_wrong_after']:.1f}%")
     if report.get("retention"):
         lines.append(f"held-out perplexity {report['retention']['perplexity']:.3f}")
+    from memsurgery.probe.sections import lm_eval_rows
+
+    for task, metric, value, base in lm_eval_rows(report):
+        lines.append(f"lm-eval {task} {metric}: {value}" + (f" (baseline {base})" if base else ""))
     return lines
 
 
@@ -62,13 +67,20 @@ def probe(
     baseline: Optional[Path] = typer.Option(None, "--baseline", help="Second checkpoint, reported side by side with deltas."),
     out: Optional[Path] = typer.Option(None, "--out", help="Write report.json, samples.jsonl, report.md, report.html here."),
     limit: Optional[int] = typer.Option(None, "--limit", help="At most N items per fact set (round-robin over kind/relation)."),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto."),
+    device: str = device_option(),
+    dtype: str = dtype_option("float32", DTYPES, "Weights and activations while probing"),
     template: str = typer.Option("auto", "--template", help="qa, completion, both, or auto (completion when a prompt exists)."),
     max_new_tokens: int = typer.Option(12, "--max-new-tokens", help="Greedy tokens per answer."),
     batch_size: int = typer.Option(64, "--batch-size", help="Prompts per batch (decoding is memory-bound on CPU: larger batches read the weights fewer times)."),
     ppl_tokens: int = typer.Option(4096, "--ppl-tokens", help="Held-out tokens for perplexity (0 = skip)."),
     signal: Optional[str] = typer.Option(None, "--signal", help="Memory signal for the abstention policy (default out_norm_entity_first)."),
     explain_text: Optional[str] = typer.Option(None, "--explain", help="List the slots each memory layer reads for this question, then exit."),
+    lm_eval_tasks: Optional[str] = typer.Option(
+        None, "--lm-eval-tasks", metavar="TASKS", help="Also run these lm-evaluation-harness tasks (comma-separated) "
+                                                       "on the model (and the baseline), in this process."),
+    lm_eval_include: Optional[Path] = typer.Option(
+        None, "--lm-eval-include", help="Directory of local lm-eval task YAMLs (offline machines)."),
+    lm_eval_limit: Optional[int] = typer.Option(None, "--lm-eval-limit", help="At most N documents per lm-eval task."),
     force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
     json_out: bool = typer.Option(False, "--json", help="Print the report (or --explain result) as JSON."),
 ) -> None:
@@ -79,7 +91,9 @@ def probe(
     if max_new_tokens < 1 or batch_size < 1 or ppl_tokens < 0:
         raise InputError("--max-new-tokens and --batch-size must be >= 1, --ppl-tokens >= 0")
     if explain_text is not None:
-        model, tok, _ = api.load_model(ckpt, device=device)
+        from memsurgery._vocab import torch_dtype
+
+        model, tok, _ = api.load_model(ckpt, device=device, dtype=torch_dtype(dtype))
         res = api.explain(model, tok, explain_text)
         if json_out:
             emit_json(res, default=None)
@@ -89,7 +103,8 @@ def probe(
     report = api.run_probe(ckpt, facts=facts or ["builtin:world"], baseline=baseline, out=out, limit=limit,
                            device=device, template=template, max_new_tokens=max_new_tokens,
                            batch_size=batch_size, ppl_tokens=ppl_tokens, primary_signal=signal,
-                           force=force, log=(lambda m: None) if json_out else _print)
+                           force=force, dtype=dtype, lm_eval_tasks=lm_eval_tasks, lm_eval_include=lm_eval_include,
+                           lm_eval_limit=lm_eval_limit, log=(lambda m: None) if json_out else _print)
     if json_out:
         from memsurgery.probe.report import _clean
 

@@ -18,6 +18,9 @@ def train(
         "--resume", help="Continue the run in output_dir from its last good checkpoint.")] = False,
     dry_run: Annotated[bool, typer.Option(
         "--dry-run", help="Validate, resolve and print the plan; train nothing.")] = False,
+    device: Annotated[str | None, typer.Option(
+        "--device", help="Shorthand for --set train.device=...: auto (cuda when available), cpu or cuda "
+                         "(default: the recipe's train.device, auto unless it says otherwise).")] = None,
     json_out: Annotated[bool, typer.Option(
         "--json", help="Print the summary (or the dry-run plan) as JSON.")] = False,
 ) -> None:
@@ -34,7 +37,8 @@ def train(
     def log(msg) -> None:
         console.print(str(msg), markup=False, highlight=False)
 
-    summary = run(recipe, list(set_ or []), resume=resume, dry_run=dry_run, log=log)
+    overrides = list(set_ or []) + ([f"train.device={device}"] if device is not None else [])
+    summary = run(recipe, overrides, resume=resume, dry_run=dry_run, log=log)
     if os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 reports
         return
     if json_out:

@@ -103,7 +103,10 @@ def load_grafted(path, **kwargs):
             f"{path}: not a grafted checkpoint (model_type {data.get('model_type')!r}, no memory block)"
         )
     register(data["model_type"][len(MODEL_TYPE_PREFIX) :])
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from memsurgery.checkpoint.reader import _quiet_transformers
+
+    with _quiet_transformers():  # no progress bar or load report: stderr is for the one-line error
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
 
 
 # ------------------------------------------------------------------ inspection
@@ -142,7 +145,8 @@ def memory_block(model) -> dict:
 
 def _config_json(model) -> str:
     data = json.loads(model.config.to_json_string(use_diff=True))
-    for key in ("quantization_config", "_name_or_path"):
+    # _model_name_or_path: GGUF's general.name, carried along by transformers' GGUF loader
+    for key in ("quantization_config", "_name_or_path", "_model_name_or_path"):
         data.pop(key, None)
     data["architectures"] = [type(model).__name__]
     data["auto_map"] = {**(data.get("auto_map") or {}), **AUTO_MAP}
@@ -209,13 +213,9 @@ def save_grafted(
     written.append("generation_config.json")
 
     if tokenizer is not None:
-        before = {p for p in out_dir.rglob("*") if p.is_file()}
-        tokenizer.save_pretrained(str(out_dir))
-        written += sorted(
-            str(p.relative_to(out_dir))
-            for p in out_dir.rglob("*")
-            if p.is_file() and p not in before
-        )
+        from memsurgery.checkpoint.writer import save_tokenizer
+
+        written += save_tokenizer(tokenizer, out_dir)
 
     for name, content in extra.items():
         path = out_dir / name

@@ -27,6 +27,8 @@ import torch
 
 from memsurgery import __version__
 from memsurgery._atomic import atomic_output_dir, check_output_dir
+from memsurgery._vocab import resolve_device
+from memsurgery.checkpoint.hub import describe_source, origin
 from memsurgery.errors import InputError
 from memsurgery.graft.plan import GraftPlan, build_plan
 
@@ -69,14 +71,13 @@ def _model_card(out_name: str, source: str, plan: GraftPlan, layers: list[int], 
         for L, u in ((int(k), v) for k, v in report["usage"].items())
     )
     check = report.get("check", {})
-    return f"""---
-library_name: transformers
-tags:
-- memsurgery
-- memory-layers
-- product-key-memory
-base_model_relation: adapter
----
+    from memsurgery.export.card import front_matter, portable
+
+    head = "\n".join(front_matter(base_model=report.get("base_model"), license=report.get("license"),
+                                  relation="finetune", library="transformers",
+                                  tags=["memsurgery", "memory-layers", "product-key-memory"]))
+    source = portable(source)
+    return head + f"""
 
 # {out_name}
 
@@ -116,14 +117,15 @@ def graft(
     plan: GraftPlan | dict | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    device: str = "auto",
     log=lambda msg: None,
     **overrides: Any,
 ):
     """Graft a shared product-key memory into `ckpt`; write it to `out` when given.
 
-    `plan` (a GraftPlan or dict of its fields) and keyword overrides (same names)
-    choose what is grafted. Returns (model, report): the grafted model in eval mode
-    and a JSON-serializable report (also saved as OUT/graft.json).
+    `plan` (a GraftPlan or dict of its fields) and keyword overrides (same names) choose
+    what is grafted; `device` (auto | cpu | cuda) is where capture and checks run. Returns
+    (model on `device`, eval mode; a JSON-serializable report, also OUT/graft.json).
     """
     from memsurgery.graft.surgery import graft_model
     from memsurgery.memory import MemoryConfig
@@ -133,17 +135,18 @@ def graft(
     fields = dict(plan.model_dump() if isinstance(plan, GraftPlan) else (plan or {}))
     fields.update({k: v for k, v in overrides.items() if v is not None})
     plan = build_plan(fields)
+    dev = resolve_device(device)
 
     src, n_layers, hidden, need = _open_source(ckpt, out, plan, force, allow_pickle)  # 1
     with _timed(timings, "load"):  # 3
-        base, tokenizer, source_sha = _load_base(src, ckpt, log)
+        base, tokenizer, source_sha = _load_base(src, ckpt, log, dev)
     with _timed(timings, "layers"):  # 2
         layers, trace_profile = _choose_layers(plan, base, tokenizer, n_layers, log)
     log(f"memory layers: {layers}")
     with _timed(timings, "capture"):  # 4
         cal = _calibrate(plan, base, tokenizer, layers, log)
     # Reference logits of the base, before the graft shares its weights.
-    check_ids = cal.heldout_ids[:1, : min(128, cal.heldout_ids.shape[1])]
+    check_ids = cal.heldout_ids[:1, : min(128, cal.heldout_ids.shape[1])].to(dev)
     with torch.no_grad():
         base_logits = base(check_ids).logits
     mcfg = MemoryConfig.build(slots=plan.slots, heads=plan.heads, knn=plan.knn, k_dim=plan.k_dim,
@@ -160,9 +163,8 @@ def graft(
 
     report = {
         "schema": "memsurgery.graft/1",
-        "source": str(Path(ckpt).absolute()),
-        "source_format": src.format,
-        "source_sha256": source_sha,
+        "source": describe_source(ckpt), "source_format": src.format, "source_sha256": source_sha,
+        **origin(src.root),  # base_model (a Hub id) and license, for the model cards downstream
         "plan": plan.model_dump(mode="json"),
         "layers": layers,
         "mode": plan.mode,
@@ -177,7 +179,7 @@ def graft(
         "check": check,
         "calibration": {"source": plan.calib or "builtin", "calib_tokens": int(cal.calib_ids.numel()),
                         "heldout_tokens": int(cal.heldout_ids.numel()), "seq_len": plan.seq_len},
-        "memory_estimate_bytes": need,
+        "memory_estimate_bytes": need, "device": str(dev),
         "versions": _versions(),
         "seed": plan.seed,
         "timings": timings,
@@ -242,10 +244,10 @@ def _check_ram(ckpt, src, plan: GraftPlan, hidden: int, force: bool) -> dict:
     return need
 
 
-def _load_base(src, ckpt, log):
-    """Step 3: (base model in fp32, tokenizer, SHA-256 of the source weights)."""
+def _load_base(src, ckpt, log, device):
+    """Step 3: (base model in fp32 on `device`, tokenizer, SHA-256 of the source weights)."""
     log(f"loading {src.format} checkpoint {src.path}")
-    base = src.load_model(dtype=torch.float32)
+    base = src.load_model(dtype=torch.float32).to(device)
     tokenizer = src.load_tokenizer()
     if tokenizer is None:
         raise InputError(f"{ckpt}: has no tokenizer; graft needs one to read the calibration text")
@@ -387,7 +389,7 @@ def _write(out: Path, ckpt, model, tokenizer, plan: GraftPlan, layers: list[int]
     with atomic_output_dir(out, force=force) as tmp:
         report["timings"]["write"] = 0.0
         extra = {"graft.json": json.dumps(report, indent=2, default=str) + "\n",
-                 "README.md": _model_card(out.name, str(Path(ckpt).absolute()), plan, layers, report)}
+                 "README.md": _model_card(out.name, report["source"], plan, layers, report)}
         hf.save_grafted(model, tmp, tokenizer=tokenizer, extra_files=extra)
         timings["write"] = time.perf_counter() - t
         report["timings"] = timings

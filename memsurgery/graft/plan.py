@@ -15,8 +15,8 @@ from typing import Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from memsurgery import _validators as check
+from memsurgery.graft.defaults import DEFAULTS as D
 from memsurgery.errors import InputError, one_line
-from memsurgery.memory.config import parse_slots
 
 
 class GraftPlan(BaseModel):
@@ -24,35 +24,46 @@ class GraftPlan(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    layers: Union[list[int], Literal["auto", "default"]] = "default"
-    slots: int = 1 << 20
-    heads: int = 4
-    knn: int = 32
-    k_dim: int = 256
-    mode: Literal["parallel", "replace"] = "parallel"
-    keys: Literal["faiss", "random"] = "faiss"
-    query_init: Literal["pca", "orthogonal", "random"] = "pca"
+    layers: Union[list[int], Literal["auto", "default"]] = D["layers"]
+    slots: int = D["slots"]
+    heads: int = D["heads"]
+    knn: int = D["knn"]
+    k_dim: int = D["k_dim"]
+    mode: Literal["parallel", "replace"] = D["mode"]
+    keys: Literal["faiss", "random"] = D["keys"]
+    query_init: Literal["pca", "orthogonal", "random"] = D["query_init"]
     # None -> mode's default: parallel "zero" (function-preserving), replace "distill".
     values: Literal["zero", "random", "distill", None] = None
     # None -> parallel "relevance" (the memory can switch itself off), replace "none".
     gate: Literal["none", "relevance", None] = None
     qk_norm: bool = True
     swilu: bool = True
-    value_dtype: Literal["float32", "bfloat16"] = "float32"
+    value_dtype: Literal["float32", "bfloat16"] = D["value_dtype"]
     calib: str | None = None
     calib_field: str = "text"
-    calib_tokens: int = 32768
-    heldout_tokens: int = 16384
-    seq_len: int = 256
-    kmeans_iters: int = 20
-    distill_steps: int = 150
+    calib_tokens: int = D["calib_tokens"]
+    heldout_tokens: int = D["heldout_tokens"]
+    seq_len: int = D["seq_len"]
+    kmeans_iters: int = D["kmeans_iters"]
+    distill_steps: int = D["distill_steps"]
     trace_facts: str | None = None
-    seed: int = 0
+    seed: int = D["seed"]
 
     @field_validator("slots", mode="before")
     @classmethod
     def _slots(cls, v: Any) -> Any:
+        # Imported here: memory.config needs torch, and the CLI reads this model's
+        # defaults while building --help.
+        from memsurgery.memory.config import parse_slots
+
         return parse_slots(v) if isinstance(v, str) else v
+
+    @field_validator("value_dtype", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v: Any) -> Any:
+        from memsurgery._vocab import DTYPE_ALIASES
+
+        return DTYPE_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
     @field_validator("layers", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ import math
 import re
 from dataclasses import dataclass, replace
 
+from memsurgery._vocab import DEFAULT_HEADS, DEFAULT_K_DIM, DEFAULT_KNN, DEFAULT_SLOTS
 from memsurgery.errors import InputError
 
 # ---------------------------------------------------------------- proposal
@@ -20,16 +21,16 @@ from memsurgery.errors import InputError
 
 @dataclass
 class GraftProposal:
-    """The memory a user proposes to graft; defaults suit small models.
+    """The memory a user proposes to graft; the defaults are `memsurgery graft`'s.
 
     `layers=None` means 3 evenly spaced layers (see `default_memory_layers`);
     `v_dim=None` means the model's hidden size.
     """
 
-    slots: int = 65536
-    heads: int = 4
-    knn: int = 32
-    k_dim: int = 256
+    slots: int = DEFAULT_SLOTS
+    heads: int = DEFAULT_HEADS
+    knn: int = DEFAULT_KNN
+    k_dim: int = DEFAULT_K_DIM
     layers: list[int] | None = None
     v_dim: int | None = None
 

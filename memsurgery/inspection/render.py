@@ -25,7 +25,10 @@ def render_inspect(report: dict, console) -> None:
     console.print(_source_table(report))
     console.print(_architecture_table(report))
     console.print(_parameter_table(report))
-    console.print(_estimate_table(report["graft_estimate"]))
+    if report.get("memory"):
+        console.print(_memory_table(report["memory"]))
+    if report.get("graft_estimate"):
+        console.print(_estimate_table(report["graft_estimate"]))
     for note in report.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
 
@@ -103,6 +106,28 @@ def _parameter_table(report: dict):
             share = f"{100 * n / params['total']:.1f}%" if params["total"] else "-"
             p.add_row(comp, f"{n:,}", share)
     return p
+
+
+def _memory_table(m: dict):
+    """A grafted checkpoint's memory: where, what shape, how big, how much of it is used."""
+    c, p = m["config"], m["params"]
+    t = _kv_table("Memory (grafted)")
+    t.add_row("base model", m["base_model_type"] + (f" (grafted from {m['graft']['source']})"
+                                                    if (m.get("graft") or {}).get("source") else ""))
+    t.add_row("mode", f"{m['mode']} at layers {', '.join(map(str, m['layers']))}")
+    t.add_row("shape", f"{c.get('slots', 0):,} slots shared, {c.get('heads')} heads, knn {c.get('knn')}, "
+                       f"k_dim {c.get('k_dim')}, v_dim {c.get('v_dim')}, gate {c.get('gate')}, "
+                       f"values {c.get('value_dtype')}")
+    t.add_row("memory params", f"{_count(p['total'])}: value table {_count(p['value_table'])} + "
+                               + ", ".join(f"layer {L} {_count(n)}" for L, n in p["per_layer"].items()))
+    used = m.get("slots_used")
+    if used is not None:
+        frac = used["fraction"]
+        t.add_row("slots used", f"{used['nonzero_rows']:,} of {used['slots']:,} value rows non-zero"
+                  + (f" ({100 * frac:.2f}%)" if frac is not None else "")
+                  + ("; the table started at zero, so these are the rows training wrote"
+                     if used.get("value_init") == "zero" else ""))
+    return t
 
 
 def _estimate_table(g: dict):

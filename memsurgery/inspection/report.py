@@ -20,7 +20,14 @@ Report (all counts are integers; bytes are bytes):
   parameters {total, by_component {embedding, attention, mlp, norms, lm_head, other}}
       (tied weights counted once: a stored lm_head tied to the embedding is skipped)
   notes [str]  (anything odd about the checkpoint, in words)
-  graft_estimate  (see `estimate.graft_estimate`):
+  memory  (null for a dense checkpoint; for a grafted or exported one, see grafted.py):
+      {base_model_type, mode, layers, config (the MemoryConfig), format_version,
+       params {value_table, per_layer {layer: n}, total},
+       slots_used {nonzero_rows, slots, fraction, value_init} (null if not readable lazily),
+       graft {source, source_sha256, base_model} (from graft.json, when present)}
+      (architecture, shapes and parameters then describe the base family; parameters
+      by_component gains "memory")
+  graft_estimate  (null for a grafted checkpoint; else see `estimate.graft_estimate`):
       proposal {slots, n_sub, heads, knn, k_dim, v_dim, layers}  (resolved: defaults filled in)
       params {value_table, per_layer {query, sub_keys, gate, out, relevance_gate, total},
               all_layers, total, dense_model}
@@ -38,6 +45,7 @@ from dataclasses import dataclass, field
 
 from memsurgery.arch import ArchSpec, spec_for_config
 from memsurgery.inspection.estimate import GraftProposal, graft_estimate
+from memsurgery.inspection.grafted import MEMORY_PREFIX, memory_section, split_grafted
 
 SCHEMA = "memsurgery.inspect/1"
 COMPONENTS = ("embedding", "attention", "mlp", "norms", "lm_head", "other")
@@ -97,19 +105,23 @@ def inspect_checkpoint(
     ckpt, proposal: GraftProposal | None = None, *, ram_bytes: int | None = None
 ) -> dict:
     """The report dict (schema in the module docstring) for an opened `Checkpoint`."""
-    config = ckpt.config
+    # A grafted (or exported) checkpoint is described as its base family plus its memory.
+    config, block = split_grafted(ckpt.config)
     # Names are classified in the spec's canonical naming (see ArchSpec.canonical_name).
     spec = spec_for_config(config)
     sizes = _sizes(spec, config)
     # Resolve the proposal first: a bad flag should fail before any other work.
-    proposal = (proposal or GraftProposal()).resolve(sizes["layers"], sizes["hidden"])
+    if block is None:
+        proposal = (proposal or GraftProposal()).resolve(sizes["layers"], sizes["hidden"])
 
     notes: list[str] = []
-    names = {name: spec.canonical_name(name) for name in ckpt.tensors}
+    names = {name: spec.canonical_name(name) for name in ckpt.tensors if not name.startswith(MEMORY_PREFIX)}
     tied = _tied_embeddings(spec, config, names, notes)
-    counts = _count_parameters(ckpt, spec, names, tied)
+    counts = _count_parameters(ckpt, spec, names, tied, grafted=block is not None)
     notes += _count_notes(spec, counts, sizes["layers"])
-    architectures = list(config.get("architectures") or []) or None
+    if block is not None:
+        notes.append("already grafted: no graft estimate (graft the dense base checkpoint to price another memory)")
+    architectures = list(ckpt.config.get("architectures") or []) or None
     if architectures is None:
         # GGUF-derived configs name no class; use the one transformers would load, so a
         # GGUF and its converted directory describe the same architecture.
@@ -131,7 +143,8 @@ def inspect_checkpoint(
         },
         **_shape_sections(spec, config, sizes, counts, tied),
         "notes": notes,
-        "graft_estimate": _estimate(sizes, counts, tied, proposal, ram_bytes),
+        "graft_estimate": None if block is not None else _estimate(sizes, counts, tied, proposal, ram_bytes),
+        "memory": None if block is None else memory_section(ckpt, block),
     }
 
 
@@ -155,10 +168,20 @@ def _tied_embeddings(spec: ArchSpec, config: dict, names: dict[str, str], notes:
     return tied
 
 
-def _count_parameters(ckpt, spec: ArchSpec, names: dict[str, str], tied: bool) -> _Counts:
+def _count_parameters(ckpt, spec: ArchSpec, names: dict[str, str], tied: bool, grafted: bool = False) -> _Counts:
     """Parameters by component, by layer and by dtype (a tied lm_head is counted once)."""
     counts = _Counts()
+    if grafted:
+        counts.by_component["memory"] = 0
     for name, info in ckpt.tensors.items():
+        if name not in names:  # a grafted checkpoint's memory_bank.* tensors
+            n = _numel(info.shape)
+            entry = counts.dtypes.setdefault(str(info.dtype), {"tensors": 0, "params": 0, "bytes": 0})
+            entry["tensors"] += 1
+            entry["params"] += n
+            entry["bytes"] += int(info.nbytes)
+            counts.by_component["memory"] += n
+            continue
         canon = names[name]
         if canon.endswith(_NON_PARAM_SUFFIXES):
             continue

@@ -1,6 +1,6 @@
 """Memory-parallel: the shared value table sharded column-wise over a process group.
 
-Memory+ (FIELD §1, "Parallelism") splits the value table along the value dimension:
+Memory+ (Berges et al. 2024, arXiv:2412.09764) splits the value table along the value dimension:
 with W ranks in a *memory-parallel group*, rank r stores columns [c0_r, c1_r) of every
 row, i.e. a `[slots, cols_r]` slice of the logical `[slots, v_dim]` table. Everything
 else is replicated across the group: every rank sees the same tokens, runs the same

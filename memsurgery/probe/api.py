@@ -18,6 +18,7 @@ from typing import Any, Sequence
 
 import torch
 
+from memsurgery._vocab import canonical_dtype, resolve_device, torch_dtype
 from memsurgery.errors import InputError
 from memsurgery.facts import FactItem, limit_items, load_factset
 from memsurgery.probe import metrics as M
@@ -38,14 +39,14 @@ def _resolve_dir(path: Path) -> Path:
     return path
 
 
-def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = torch.float32):
+def load_model(path: str | Path, device: str = "auto", dtype: torch.dtype | None = torch.float32):
     """(model, tokenizer, info) for a grafted or dense HF directory, a run dir, or a GGUF file."""
     from memsurgery.export import hf
 
-    src = _resolve_dir(Path(path))
-    if not src.exists():
-        raise InputError(f"{path}: no such checkpoint; give a model directory, a run directory or a .gguf file")
-    info: dict[str, Any] = {"path": str(Path(path).absolute()), "loaded_from": str(src.absolute())}
+    from memsurgery.checkpoint.hub import describe_source, resolve_checkpoint
+
+    src = _resolve_dir(resolve_checkpoint(path))  # a Hub id becomes its cached snapshot
+    info: dict[str, Any] = {"path": describe_source(path), "loaded_from": str(src.absolute())}
     cfg = src / "config.json"
     if src.is_dir() and cfg.exists() and hf.is_grafted_config(json.loads(cfg.read_text(encoding="utf-8"))):
         model = hf.load_grafted(src, dtype=dtype)
@@ -66,16 +67,6 @@ def load_model(path: str | Path, device: str = "cpu", dtype: torch.dtype | None 
             raise InputError(f"{src}: has no tokenizer; probe needs one")
         info["format"] = ck.format
     return model.to(resolve_device(device)).eval(), tokenizer, info
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-        raise InputError(f"--device {device}: choose cpu, cuda or auto")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {device}: no CUDA device is available; use --device cpu")
-    return torch.device(device)
 
 
 # ------------------------------------------------------------------ items
@@ -445,35 +436,51 @@ def _lm_eval_sections(res: dict, sets, template: str, max_new_tokens: int, stops
     return {"results": results, "configs": configs, "versions": versions, "n-samples": n_samples}
 
 
+def _check_inputs(model_or_path, baseline, facts, *, template, dtype, device, limit, out, force, lm_eval):
+    """Every input checked before a model loads: (dtype name, lm-eval job or None, fact sets)."""
+    from memsurgery._atomic import check_output_dir
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+    from memsurgery.probe import lm_eval_tasks as lm_eval_mod
+
+    if template not in TEMPLATE_CHOICES:
+        raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
+    dtype = canonical_dtype(dtype)
+    resolve_device(device)
+    lm_job = lm_eval_mod.prepare(*lm_eval)
+    if limit is not None and limit < 1:
+        raise InputError(f"--limit {limit}: must be at least 1")
+    if out is not None:
+        check_output_dir(Path(out), force)
+    for label, m in (("model", model_or_path), ("baseline", baseline)):
+        if isinstance(m, (str, Path)):
+            resolve_checkpoint(m, what=f"{label} checkpoint")  # fails (or downloads) before any work
+    return dtype, lm_job, [(n, limit_items(items, limit)) for n, items in _load_sets(facts)]
+
+
 def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None, out=None, *,
               tokenizer=None, baseline_tokenizer=None, limit: int | None = None, template: str = "auto",
-              device: str = "cpu", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
+              device: str = "auto", max_new_tokens: int = 12, batch_size: int = 64, ppl_tokens: int = 4096,
               signals: bool = True, primary_signal: str | None = None, abstain_logprob: float | None = None,
-              residual_layer: int | str | None = "auto", force: bool = False, log=lambda msg: None) -> dict:
+              residual_layer: int | str | None = "auto", force: bool = False, dtype: str = "float32",
+              lm_eval_tasks=None, lm_eval_include: str | None = None, lm_eval_limit: int | None = None,
+              log=lambda msg: None) -> dict:
     """Probe a model (and optionally a baseline) on fact sets; write reports to `out` if given.
 
     model_or_path: a model object (then pass `tokenizer`) or a path (grafted/dense HF dir,
     `memsurgery train` run dir, GGUF file). Returns the report dict (see docs/probe.md).
     """
     from memsurgery import __version__
-    from memsurgery._atomic import check_output_dir
+    from memsurgery.probe import lm_eval_tasks as lm_eval_mod
 
-    if template not in TEMPLATE_CHOICES:
-        raise InputError(f"--template {template}: choose one of {', '.join(TEMPLATE_CHOICES)}")
-    if limit is not None and limit < 1:
-        raise InputError(f"--limit {limit}: must be at least 1")
-    if out is not None:
-        check_output_dir(Path(out), force)
-    for label, m in (("model", model_or_path), ("baseline", baseline)):
-        if isinstance(m, (str, Path)) and not Path(m).exists():
-            raise InputError(f"{m}: no such {label} checkpoint; give a model directory, a run directory or a .gguf file")
-    sets = [(n, limit_items(items, limit)) for n, items in _load_sets(facts)]
+    dtype, lm_job, sets = _check_inputs(model_or_path, baseline, facts, template=template, dtype=dtype,
+                                        device=device, limit=limit, out=out, force=force,
+                                        lm_eval=(lm_eval_tasks, lm_eval_include, lm_eval_limit))
     n_items = {n: len(items) for n, items in sets}
 
     def _get(m, tok, label):
         if isinstance(m, (str, Path)):
             log(f"loading {label} {m}")
-            return load_model(m, device=device)
+            return load_model(m, device=device, dtype=torch_dtype(dtype))
         if tok is None:
             raise InputError(f"run_probe: pass the tokenizer of the {label} model object")
         return m, tok, {"path": None, "format": "object"}
@@ -494,12 +501,17 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
     if base_model is not None and hf.is_grafted_model(base_model) and hf.is_grafted_model(model):
         ref = base_model.memory_bank.values.weight.detach()
     res, samples = _run_one(model, tokenizer, sets, reference_values=ref, **kw)
+    if lm_job:  # lm-eval tasks on the same loaded model (report["lm_eval"])
+        res["lm_eval"] = lm_eval_mod.run_lm_eval(model, tokenizer, lm_job, batch_size=batch_size, log=log)
     report: dict[str, Any] = {}
     report.update(_lm_eval_sections(res, sets, template, max_new_tokens, DEFAULT_STOPS, n_items))
     report.update({"schema": SCHEMA, "model": info, "fact_sets": n_items, "template": template,
                    "grafted": hf.is_grafted_model(model), **res})
     if base_model is not None:
         base_res, base_samples = _run_one(base_model, base_tok, sets, reference_values=None, **kw)
+        if lm_job:
+            base_res["lm_eval"] = lm_eval_mod.run_lm_eval(base_model, base_tok, lm_job, batch_size=batch_size,
+                                                          log=log)
         report["baseline"] = {"model": base_info, "grafted": hf.is_grafted_model(base_model), **base_res}
         report["deltas"] = _deltas(res, base_res)
         for s in base_samples:
@@ -507,7 +519,7 @@ def run_probe(model_or_path, facts: Sequence = ("builtin:world",), baseline=None
         samples = samples + base_samples
     report["versions_memsurgery"] = {"memsurgery": __version__, "torch": torch.__version__,
                                      "transformers": __import__("transformers").__version__}
-    report["settings"] = {"limit": limit, "device": str(device), "max_new_tokens": max_new_tokens,
+    report["settings"] = {"limit": limit, "device": str(device), "dtype": dtype, "max_new_tokens": max_new_tokens,
                           "batch_size": batch_size, "ppl_tokens": ppl_tokens, "stops": list(DEFAULT_STOPS),
                           "abstain_logprob": abstain_logprob}
     if out is not None:

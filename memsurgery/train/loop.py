@@ -57,7 +57,12 @@ def _default_log(msg: str) -> None:
 
 
 def load_model_and_tokenizer(path: str):
-    p = Path(path)
+    from memsurgery.checkpoint.hub import resolve_checkpoint
+
+    try:
+        p = resolve_checkpoint(path, what="model")  # a Hub id becomes its cached snapshot
+    except InputError as err:
+        raise InputError(f"model: {err}") from None
     cfg_path = p / "config.json"
     if not cfg_path.is_file():
         raise InputError(f"model: {path} is not a Hugging Face model directory (no config.json); "
@@ -123,7 +128,7 @@ def _device(spec) -> torch.device:
 
 
 class _Reporter:
-    """metrics.jsonl, optional TensorBoard, progress bar or periodic log lines (rank 0 only)."""
+    """metrics.jsonl, an optional tracker (train/tracking.py), progress bar or log lines (rank 0 only)."""
 
     def __init__(self, run_dir: Path | None, recipe: Recipe, total: int, start: int, main: bool, log):
         self.main, self.log, self.total = main, log, total
@@ -135,14 +140,13 @@ class _Reporter:
             return
         # Open for the whole run (closed in close()); each record is flushed as written.
         self.fh = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-        if recipe.log.tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
+        from memsurgery.train.tracking import build_logger
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
-            except ImportError:
-                log("warning: log.tensorboard is on but tensorboard is not installed "
-                    "(pip install tensorboard); logging to metrics.jsonl only")
+        spec = recipe.log
+        self.tb = build_logger(spec.backend, run_dir, project=spec.project, run_name=spec.run_name,
+                               tracking_uri=spec.tracking_uri, log=log)
+        if self.tb is not None:
+            self.tb.log_config(recipe.model_dump(mode="json"))
         mode = recipe.log.progress
         if mode == "on" or (mode == "auto" and sys.stdout.isatty()):
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -160,9 +164,9 @@ class _Reporter:
             self.fh.write(json.dumps(rec) + "\n")
             self.fh.flush()
         if self.tb is not None:
-            for k, v in rec.items():
-                if isinstance(v, (int, float)) and k != "step" and math.isfinite(v):
-                    self.tb.add_scalar(k, v, rec.get("step", 0))
+            from memsurgery.train.tracking import scalars
+
+            self.tb.log_dict(scalars(rec), rec.get("step", 0))
 
     def step(self, step: int, rec: dict, line: bool) -> None:
         if not self.main:
@@ -305,7 +309,7 @@ class TrainingRun:
         self.main = self.dist.main
         self.say = log if self.main else (lambda m: None)
         precision = recipe.train.precision
-        self.bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+        self.bf16 = precision == "bfloat16" or (precision == "auto" and device.type == "cuda")
         self.autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if self.bf16 else nullcontext
 
     # ------------------------------------------------------------ setup
@@ -379,7 +383,7 @@ class TrainingRun:
         train_seqs, eval_seqs = self.train_seqs, self.eval_seqs
         return {
             "model": recipe.model, "grafted": self.grafted, "method": recipe.train.method,
-            "device": str(self.device), "precision": "bf16-autocast" if self.bf16 else "fp32",
+            "device": str(self.device), "precision": "bfloat16-autocast" if self.bf16 else "float32",
             "world_size": self.dist.world, "memory_parallel": recipe.memory_parallel, "fsdp": recipe.fsdp,
             "data": {"train": spec.train, "format": spec.format, "train_sequences": len(train_seqs),
                      "train_tokens": train_seqs.n_tokens, "eval_sequences": len(eval_seqs) if eval_seqs else 0,
@@ -882,7 +886,9 @@ def _save_final(model, tokenizer, recipe, final_dir: Path, grafted: bool) -> Non
         if grafted:
             extra = {"train.json": info}
             # Keep the graft's provenance (source SHA-256, plan, init statistics) with the trained model.
-            graft_json = Path(recipe.model) / "graft.json"
+            from memsurgery.checkpoint.hub import resolve_checkpoint
+
+            graft_json = resolve_checkpoint(recipe.model) / "graft.json"
             if graft_json.is_file():
                 extra["graft.json"] = graft_json.read_text(encoding="utf-8")
             hf.save_grafted(out.to("cpu"), tmp, tokenizer=tokenizer, extra_files=extra)

@@ -110,7 +110,8 @@ class TrainSpec(_Strict):
     batch_size: int = 8
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    # dtype names as everywhere in memsurgery (memsurgery/_vocab.py); fp32 / bf16 accepted
+    precision: Literal["auto", "float32", "bfloat16"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # memory / sparse_memory: run the frozen layers below the first memory layer once per
     # training sequence, not once per step (docs/recipes.md); off, or over the budget, = plain forwards
@@ -118,6 +119,13 @@ class TrainSpec(_Strict):
     prefix_cache_max_mb: int = 2048
 
     _pos = field_validator("steps", "batch_size", "grad_accum", "prefix_cache_max_mb")(check.at_least_1)
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _dtype_alias(cls, v):
+        from memsurgery._vocab import DTYPE_ALIASES
+
+        return DTYPE_ALIASES.get(v.lower(), v.lower()) if isinstance(v, str) else v
 
     @field_validator("max_grad_norm")
     @classmethod
@@ -216,8 +224,22 @@ class CheckpointSpec(_Strict):
 
 class LogSpec(_Strict):
     every: int = 10
+    # Experiment tracker beside metrics.jsonl (train/tracking.py); tensorboard: true is the
+    # older spelling of backend: tensorboard.
+    backend: Literal["none", "tensorboard", "wandb", "mlflow"] = "none"
+    project: str | None = None  # W&B project / MLflow experiment (default "memsurgery")
+    run_name: str | None = None  # default: the output directory's name
+    tracking_uri: str | None = None  # MLflow only (default: MLFLOW_TRACKING_URI, else ./mlruns)
     tensorboard: bool = False
     progress: Literal["auto", "on", "off"] = "auto"
+
+    @model_validator(mode="after")
+    def _tensorboard_alias(self):
+        if self.tensorboard and self.backend not in ("none", "tensorboard"):
+            raise ValueError(f"tensorboard: true and backend: {self.backend} name two trackers; keep backend")
+        if self.tensorboard:
+            self.backend = "tensorboard"
+        return self
 
     @field_validator("progress", mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""Slot access counting and sparse memory finetuning (Lin et al. 2025, FIELD.md section 3).
+"""Slot access counting and sparse memory finetuning (Lin et al. 2025, arXiv:2510.15103).
 
 Every memory layer of a grafted model reads the same value table, so slot counts
 are summed over layers into one [slots] vector. Sparse memory finetuning ranks

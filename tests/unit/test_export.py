@@ -94,7 +94,7 @@ def test_failed_verification_leaves_no_output(grafted_dir, tmp_path, monkeypatch
 
     run, _ = grafted_dir
     # A reload that disagrees with the in-memory model (as a broken writer would produce).
-    monkeypatch.setattr(ex, "_reload_logits", lambda out_dir, ids, dtype: torch.full((*ids.shape, 256), 9.0))
+    monkeypatch.setattr(ex, "_reload_logits", lambda out_dir, ids, dtype, device="cpu": torch.full((*ids.shape, 256), 9.0))
     out = tmp_path / "never"
     with pytest.raises(RuntimeFailure, match="differ"):
         ex.export(run, out)
@@ -125,3 +125,60 @@ def test_dense_export_bf16_and_cli_errors(tmp_path, capsys):
             raise SystemExit(0)
         _, err = capsys.readouterr()
         assert exc.value.code == 2 and needle in err and err.count("\n") == 1
+
+
+_LOAD_SCRIPT = r"""
+import importlib.abc, sys
+if sys.argv[2] == "plain":  # a machine without memsurgery
+    class _Block(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "memsurgery" or name.startswith("memsurgery."):
+                raise ImportError(name)
+    sys.meta_path.insert(0, _Block())
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    PreTrainedTokenizerFast.from_pretrained(sys.argv[1])
+    AutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)
+else:
+    import memsurgery
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    AutoTokenizer.from_pretrained(sys.argv[1])
+    AutoModelForCausalLM.from_pretrained(sys.argv[1])
+print("loaded")
+"""
+
+
+def test_card_config_and_tokenizer_are_portable(grafted_dir, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    from memsurgery.export import export
+
+    run, report = grafted_dir
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    cfg = json.loads((copy / "final" / "config.json").read_text())
+    cfg["_model_name_or_path"] = "Smollm2 135M 8k Lc100K Mix1 Ep2"  # what a GGUF conversion used to leave
+    (copy / "final" / "config.json").write_text(json.dumps(cfg))
+    (copy / "recipe.yaml").write_text(f"model: {tmp_path}/smol-mem\noutput_dir: {tmp_path}/run\n")
+    out = tmp_path / "exported"
+    export(copy, out, probe_reports=[report], verify=False, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+           license="apache-2.0")
+    card = (out / "README.md").read_text()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and front["license"] == "apache-2.0"
+    assert front["library_name"] == "transformers" and front["pipeline_tag"] == "text-generation"
+    assert "memsurgery" in front["tags"] and front["base_model_relation"] == "finetune"
+    assert str(tmp_path) not in card and "/tmp/" not in card and "model: smol-mem" in card
+    assert "_model_name_or_path" not in json.loads((out / "config.json").read_text())
+    tok_cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert "auto_map" not in tok_cfg and "is_local" not in tok_cfg and tok_cfg.get("tokenizer_class")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    for mode in ("plain", "memsurgery"):
+        r = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, str(out), mode], capture_output=True, text=True,
+                           env=env, stdin=subprocess.DEVNULL, timeout=300)
+        assert r.returncode == 0 and "loaded" in r.stdout, r.stderr[-2000:]
+        # no trust-remote-code question and no "model of type memsurgery_llama" warning on the way
+        assert "custom code" not in r.stderr and "model of type" not in r.stderr, (mode, r.stderr[-2000:])

@@ -195,7 +195,7 @@ def _smollm2_like() -> FakeCheckpoint:
 
 
 def test_smollm2_shaped_numbers():
-    r = inspect_checkpoint(_smollm2_like(), ram_bytes=RAM)
+    r = inspect_checkpoint(_smollm2_like(), GraftProposal(slots=65536), ram_bytes=RAM)
     assert r["num_layers"] == 30 and r["hidden_size"] == 576 and r["intermediate_size"] == 1536
     assert (r["attention"]["heads"], r["attention"]["kv_heads"], r["attention"]["head_dim"]) == (
         9,
@@ -359,7 +359,7 @@ def test_default_memory_layers():
 
 def test_proposal_resolve_defaults_and_sorting():
     r = GraftProposal(layers=[20, 4]).resolve(24, 576)
-    assert r.layers == [4, 20] and r.v_dim == 576 and r.n_sub == 256
+    assert r.layers == [4, 20] and r.v_dim == 576 and r.n_sub == 1024  # graft's default, 1M slots
     assert GraftProposal(v_dim=128).resolve(24, 576).v_dim == 128
 
 
@@ -427,3 +427,13 @@ def test_missing_architectures_filled_from_transformers():
     r = inspect_checkpoint(ck, ram_bytes=RAM)
     assert r["architecture"]["architectures"] == ["LlamaForCausalLM"]
     assert any("assuming LlamaForCausalLM" in n for n in r["notes"])
+
+
+def test_inspect_prices_what_graft_would_build_by_default():
+    from memsurgery.graft.plan import GraftPlan
+
+    plan, proposal = GraftPlan(), GraftProposal()
+    assert (proposal.slots, proposal.heads, proposal.knn, proposal.k_dim) == \
+        (plan.slots, plan.heads, plan.knn, plan.k_dim)
+    r = inspect_checkpoint(_smollm2_like(), ram_bytes=RAM)
+    assert r["graft_estimate"]["proposal"]["slots"] == plan.slots

@@ -172,7 +172,8 @@ def test_html_is_self_contained_and_renders(tiny, tmp_path):
     assert parser.urls == []
     low = html.lower()
     assert "http://" not in low.replace('xmlns="http://www.w3.org/2000/svg"', "")
-    assert "https://" not in low and "@import" not in low and "<script" not in low
+    assert "https://" not in low and "@import" not in low
+    assert low.count("<script") == low.count("<script>")  # inline only: no src, no external script
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not on PATH: screenshot part skipped (HTML checks above passed)")
