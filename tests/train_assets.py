@@ -14,7 +14,8 @@ def train_assets(tmp_path_factory) -> dict:
     root = tmp_path_factory.getbasetemp() / "memsurgery-train-assets"
     done = root / "done"
     paths = {"dense": root / "dense", "grafted": root / "grafted", "text": root / "text.txt",
-             "qa": root / "qa.jsonl", "docs": root / "docs.jsonl", "cache": root / "cache"}
+             "qa": root / "qa.jsonl", "docs": root / "docs.jsonl", "facts": root / "facts.jsonl",
+             "cache": root / "cache"}
     if done.is_file():
         return paths
     from memsurgery.graft import graft
@@ -26,6 +27,9 @@ def train_assets(tmp_path_factory) -> dict:
     paths["text"].write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(40)))
     with open(paths["qa"], "w") as fh:
         fh.writelines(json.dumps({"prompt": f"Person {i} lives in", "answer": f"town {i * 7 % 11}"}) + "\n" for i in range(24))
+    with open(paths["facts"], "w") as fh:  # structured facts (data.format: facts)
+        fh.writelines(json.dumps({"entity": f"Person {i}", "relation": "home_town", "answer": f"town {i * 7 % 11}"})
+                      + "\n" for i in range(6))
     with open(paths["docs"], "w") as fh:
         fh.writelines(json.dumps({"text": f"Person {i} lives in town {i * 7 % 11} and likes {words[i % 13]}."}) + "\n" for i in range(24))
     make_tiny_checkpoint_with_tokenizer("llama", paths["dense"])

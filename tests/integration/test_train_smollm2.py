@@ -23,14 +23,16 @@ def test_knowledge_injection_on_smollm2(smollm2_hf, tmp_path, monkeypatch):
     graft(smollm2_hf, grafted, slots=4096, layers=[15], heads=2, knn=8, k_dim=64, calib_tokens=2048,
           heldout_tokens=512, seq_len=128, kmeans_iters=3)
     facts = tmp_path / "facts.jsonl"
-    facts.write_text("".join(json.dumps({"prompt": f"Zorbin Quell {i} was born in the town of",
-                                         "answer": f" Vexmoor {i}"}) + "\n" for i in range(8)))
+    facts.write_text("".join(json.dumps({"entity": f"Zorbin Quell {i}", "relation": "birth_town",
+                                         "answer": f"Vexmoor {i}"}) + "\n" for i in range(8)))
     summary = run(RECIPES / "knowledge-injection.yaml",
                   [f"model={grafted}", f"output_dir={tmp_path / 'run'}", f"data.train={facts}", "train.steps=3",
                    "train.batch_size=4", "checkpoint.every=2", "log.progress=off", "eval.probe=null"],
                   log=lambda m: None)
     assert summary["steps"] == 3 and all(torch.isfinite(torch.tensor(summary["losses"])))
-    assert summary["losses"][-1] < summary["losses"][0]  # lr 1e-2 on the values: the facts start to fit
+    # The facts start to fit: the loss on one fixed batch of training views is lower after the 3 steps
+    # (per-step losses are over different phrasings, so they need not fall monotonically).
+    assert _fixed_batch_loss(summary["final_dir"], summary) < _fixed_batch_loss(grafted, summary)
     assert summary["groups"]["values"]["trainable"] == 4096 * 576
     # knowledge-injection: the values and the relevance gate (w [576], b) of the one memory layer
     assert summary["trainable_params"] == 4096 * 576 + 577
@@ -43,3 +45,22 @@ def test_knowledge_injection_on_smollm2(smollm2_hf, tmp_path, monkeypatch):
     # nothing of the base (nor the memory's projections) moved
     assert all(k == "memory_bank.values.weight" or k.endswith(("gate_weight", "gate_bias")) for k in changed), changed
     assert summary["tokens_per_s"] > 0
+
+
+def _fixed_batch_loss(model_dir, summary) -> float:
+    """Mean answer loss of the first 16 training sequences under the model in `model_dir`."""
+    from contextlib import nullcontext
+
+    from memsurgery.export import hf
+    from memsurgery.train import data as D
+    from memsurgery.train import load_recipe
+    from memsurgery.train.fastpath import loss_sum
+    from transformers import AutoTokenizer
+
+    spec = load_recipe(Path(summary["run_dir"]) / "recipe.yaml").data
+    tok = AutoTokenizer.from_pretrained(summary["final_dir"])
+    seqs = D.load_sequences(spec.train, tok, spec)
+    batch = D.collate(seqs, list(range(16)), tok.eos_token_id)
+    with torch.no_grad():
+        loss, n = loss_sum(hf.load_grafted(model_dir).eval(), batch, "cpu", nullcontext, keep=False)
+    return float(loss) / n

@@ -89,11 +89,11 @@ def test_lrs_logged_keep_ratio(assets, tmp_path):
                                   "sparse-memory-finetune.yaml", "full-finetune.yaml", "lora.yaml"])
 def test_each_shipped_recipe_runs_a_few_steps(assets, tmp_path, capsys, name):
     dense = name in ("full-finetune.yaml", "lora.yaml")
-    # continued-pretrain reads raw text; every other shipped recipe trains on QA pairs
-    data = assets["text"] if name == "continued-pretrain.yaml" else assets["qa"]
+    # continued-pretrain reads raw text; every other shipped recipe trains on structured facts
+    data = assets["text"] if name == "continued-pretrain.yaml" else assets["facts"]
     argv = ["train", str(RECIPES / name), "--set", f"model={assets['dense' if dense else 'grafted']}",
             "--set", f"output_dir={tmp_path / 'run'}", "--set", f"data.train={data}",
-            "--set", "data.seq_len=48", "--set", "train.steps=2", "--set", "train.batch_size=2",
+            "--set", "data.seq_len=96", "--set", "train.steps=2", "--set", "train.batch_size=2",
             "--set", "checkpoint.every=1", "--set", "log.progress=off"]
     if name == "sparse-memory-finetune.yaml":
         argv += ["--set", f"sparse.background={assets['text']}", "--set", "sparse.background_tokens=256",
