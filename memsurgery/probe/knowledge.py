@@ -65,7 +65,7 @@ def knowledge(samples: list[dict], retention: dict | None = None) -> dict:
     unknown = [s for s in samples if s["kind"] == "unknown"]
     unk_q = [s for s in unknown if is_question(s)]
     out = {
-        "reliability": _em(trained) if trained else None,
+        "reliability": {**_em(trained), "by_phrasing": _by(trained, lambda r: r["phrasing"])} if trained else None,
         "generalization": None,
         "unsplit_injected": _em(unsplit) if unsplit else None,
         "locality": {"known": _em(known) if known else None,
