@@ -89,24 +89,6 @@ def _entity_max(values: torch.Tensor, ctx: CaptureContext) -> torch.Tensor:
     return torch.where(m.any(dim=1), best, torch.full_like(best, float("nan")))
 
 
-def _out_norm_entity(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
-    # A zero-init parallel memory outputs ~0 until training writes the rows a token
-    # reads: a large output on the entity's name means "this name was taught".
-    if cap.out_norms is None:
-        return torch.full((cap.indices.shape[0],), float("nan"))
-    return _entity_max(cap.out_norms, ctx)
-
-
-def _out_norm_entity_first(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
-    # Only the lowest memory layer (NaN elsewhere, so the max over layers is its value):
-    # there the name's own slots are read before later layers mix in the question.
-    # Chosen on the ablation runs (docs/results.md); later layers' norms are on
-    # other scales, so a max over layers would mostly pick the last layer.
-    if cap.layer != ctx.first_layer:
-        return torch.full((cap.indices.shape[0],), float("nan"))
-    return _out_norm_entity(cap, ctx)
-
-
 def _entity_last(values: torch.Tensor, ctx: CaptureContext) -> torch.Tensor:
     """Per-token values [B, T] at each row's last entity token; NaN where a row has none."""
     if ctx.entity_mask is None:
@@ -134,19 +116,27 @@ def _first_layer_only(fn):
     return signal
 
 
-def _out_norm_entity_last(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
-    # The name's last token has read the whole name: a first name shared with a taught
-    # person lights up the first token only.
-    if cap.out_norms is None:
-        return torch.full((cap.indices.shape[0],), float("nan"))
-    return _entity_last(cap.out_norms, ctx)
+def _over_entity_norms(reduce):
+    """A signal: the memory output norms over the entity's tokens, reduced by `reduce(values, ctx)`."""
+    def signal(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
+        if cap.out_norms is None:
+            return torch.full((cap.indices.shape[0],), float("nan"))
+        return reduce(cap.out_norms, ctx)
+    return signal
 
 
-def _out_norm_entity_min(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
-    # Every token of the name must read written rows.
-    if cap.out_norms is None:
-        return torch.full((cap.indices.shape[0],), float("nan"))
-    return _entity_min(cap.out_norms, ctx)
+# A zero-init parallel memory outputs ~0 until training writes the rows a token reads:
+# a large output on the entity's name means "this name was taught".
+_out_norm_entity = _over_entity_norms(_entity_max)
+# The name's last token has read the whole name: a first name shared with a taught
+# person lights up the first token only.
+_out_norm_entity_last = _over_entity_norms(_entity_last)
+# Every token of the name must read written rows.
+_out_norm_entity_min = _over_entity_norms(_entity_min)
+# At the lowest memory layer the name's own slots are read before later layers mix in the
+# question; later layers' norms are on other scales, so a max over layers would mostly pick
+# the last layer. Chosen on the ablation runs (docs/results.md).
+_out_norm_entity_first = _first_layer_only(_out_norm_entity)
 
 
 def _gate_entity(cap: LayerCapture, ctx: CaptureContext) -> torch.Tensor:
