@@ -34,16 +34,21 @@ def test_knowledge_injection_on_smollm2(smollm2_hf, tmp_path, monkeypatch):
     # (per-step losses are over different phrasings, so they need not fall monotonically).
     assert _fixed_batch_loss(summary["final_dir"], summary) < _fixed_batch_loss(grafted, summary)
     assert summary["groups"]["values"]["trainable"] == 4096 * 576
-    # knowledge-injection: the values and the relevance gate (w [576], b) of the one memory layer
-    assert summary["trainable_params"] == 4096 * 576 + 577
+    # knowledge-injection: the values, the memory query projection and the relevance gate (w [576], b)
+    # of the one memory layer
+    n_query = summary["groups"]["query"]["trainable"]
+    assert n_query > 0
+    assert summary["trainable_params"] == 4096 * 576 + n_query + 577
     before = load_file(str(grafted / "model.safetensors"))
     after = {}
     for f in Path(summary["final_dir"]).glob("*.safetensors"):
         after.update(load_file(str(f)))
     changed = sorted(k for k in before if not torch.equal(before[k], after[k]))
     assert "memory_bank.values.weight" in changed
-    # nothing of the base (nor the memory's projections) moved
-    assert all(k == "memory_bank.values.weight" or k.endswith(("gate_weight", "gate_bias")) for k in changed), changed
+    assert any(".query." in k for k in changed), changed
+    # nothing of the base (nor the memory's keys, gates or output projection) moved
+    assert all(k == "memory_bank.values.weight" or ".query." in k or k.endswith(("gate_weight", "gate_bias"))
+               for k in changed), changed
     assert summary["tokens_per_s"] > 0
 
 
