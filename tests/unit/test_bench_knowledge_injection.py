@@ -75,7 +75,9 @@ def test_every_artifact_and_field(bench):
     # the same data and budget for every method
     assert len({r["tokens"] for r in res["methods"].values()}) == 1
     p = {m: r["trainable_params"] for m, r in res["methods"].items()}
-    assert p["lora"] < p["full"] and p["memory"] == p["sparse_memory"]
+    # memory trains the values, the gate and the query projection; sparse memory finetuning the values
+    # (and gate) alone, as in Lin et al.
+    assert p["lora"] < p["full"] and p["memory"] > p["sparse_memory"]
     # markdown: one table row per method
     rows = [ln for ln in (out / "results.md").read_text().splitlines() if ln.startswith("| ") and "---" not in ln]
     assert [r.split("|")[1].strip() for r in rows[1:]] == METHODS
