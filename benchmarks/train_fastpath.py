@@ -112,6 +112,10 @@ def main(argv=None) -> dict:
         ref = results[name.split(" / ")[0] + " / plain"]
         r["speedup_vs_plain"] = r["tokens_per_s"] / ref["tokens_per_s"]
         r["max_loss_diff_vs_plain"] = max(abs(a - b) for a, b in zip(r["losses"], ref["losses"]))
+        # Step 1 runs the same parameters on the same batch: only summation order differs. Later
+        # steps drift further (Adam turns rounding-level gradient differences into lr-sized moves
+        # of the dense query), so the first step is the one that checks a fast path is exact.
+        r["first_loss_rel_diff_vs_plain"] = abs(r["losses"][0] - ref["losses"][0]) / abs(ref["losses"][0])
     res = {"schema": "memsurgery.bench.train_fastpath/1",
            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
            "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -124,11 +128,13 @@ def main(argv=None) -> dict:
              f"torch thread(s)" + (f", GPU {res['machine']['gpu']}" if res["machine"]["gpu"] else ""),
              f"- recipes as shipped (knowledge-injection, full-finetune) on the training views of {args.people} "
              f"people; {args.steps} steps per memory variant, {args.full_steps} per full variant", "",
-             "| variant | tokens/s | speed-up vs plain | loop s | setup s | max per-step loss diff vs plain |",
-             "|---|---|---|---|---|---|"]
+             "| variant | tokens/s | speed-up vs plain | loop s | setup s | step-1 loss rel. diff vs plain "
+             "| max per-step loss diff vs plain |",
+             "|---|---|---|---|---|---|---|"]
     for name, r in res["variants"].items():
         lines.append(f"| {name} | {r['tokens_per_s']:.1f} | {r['speedup_vs_plain']:.2f}x | {r['loop_seconds']:.0f} "
-                     f"| {r['setup_seconds']:.0f} | {r['max_loss_diff_vs_plain']:.1e} |")
+                     f"| {r['setup_seconds']:.0f} | {r['first_loss_rel_diff_vs_plain']:.1e} "
+                     f"| {r['max_loss_diff_vs_plain']:.1e} |")
     (out / "results.json").write_text(json.dumps(res, indent=2) + "\n", encoding="utf-8")
     (out / "results.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
