@@ -599,7 +599,8 @@ def parse_args(argv=None):
     ap.add_argument("--probe-unknown", type=int, default=2, help="held-out phrasings asked per unknown fact")
     ap.add_argument("--residual-layer", type=int, default=None,
                     help="decoder layer of the linear probe (default: the graft's first memory layer)")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps per method (same for all; 16 passes over 30 people's views = 1440)")
+    ap.add_argument("--steps", type=int, default=200,
+                    help="optimizer steps per method (same for all; 16 passes over 30 people's views = 1440)")
     ap.add_argument("--out", required=True, type=Path, help="results directory")
     ap.add_argument("--base", help="dense HF directory or .gguf (default: the demo SmolLM2-135M)")
     ap.add_argument("--graft", help="use this grafted directory for the memory methods (a graft of --base) "
