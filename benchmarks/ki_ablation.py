@@ -61,14 +61,9 @@ def probe(args, model_dir: Path, out: Path) -> dict:
 
 def metrics(report: dict) -> dict:
     """The numbers of one probe report that the ablation table shows."""
-    k = report["knowledge"]
-    gen = k.get("generalization") or {}
-    em = lambda d: None if not d else d.get("exact_match")  # noqa: E731
-    out = {"reliability": em(k.get("reliability")), "generalization": em(gen),
-           "generalization_questions": em(gen.get("questions")),
-           "generalization_completions": em(gen.get("completions")),
-           "known": em(k["locality"]["known"]), "perplexity": k["locality"]["perplexity"],
-           "unknown_attempted_wrong_questions": k["hallucination"]["attempted_wrong_questions"]}
+    from memsurgery.probe.knowledge import knowledge_numbers
+
+    out = knowledge_numbers(report)
     sig = report.get("signals") or {}
     if sig:
         q = {n: s.get("auroc_questions") for n, s in sig["signals"].items() if s.get("auroc_questions") is not None}

@@ -302,16 +302,16 @@ def _em(d: dict | None) -> float | None:
 
 def probe_metrics(report: dict) -> dict:
     """The knowledge triple, unknown-entity hallucination and both known-vs-unknown detectors."""
-    k = report["knowledge"]
+    from memsurgery.probe.knowledge import knowledge_numbers
+
+    k, n = report["knowledge"], knowledge_numbers(report)
     gen = k.get("generalization") or {}
-    hal = k["hallucination"]
-    out = {"reliability": _em(k.get("reliability")), "generalization": _em(gen),
-           "generalization_questions": _em(gen.get("questions")),
-           "generalization_completions": _em(gen.get("completions")),
-           "generalization_by_phrasing": {n: _em(d) for n, d in (gen.get("by_phrasing") or {}).items()},
-           "known_em": _em(k["locality"]["known"]), "perplexity": k["locality"]["perplexity"],
-           "unknown_attempted_wrong": hal["attempted_wrong"],
-           "unknown_attempted_wrong_questions": hal["attempted_wrong_questions"],
+    out = {**{key: n[key] for key in ("reliability", "generalization", "generalization_questions",
+                                      "generalization_completions")},
+           "generalization_by_phrasing": {name: _em(d) for name, d in (gen.get("by_phrasing") or {}).items()},
+           "known_em": n["known"], "perplexity": n["perplexity"],
+           "unknown_attempted_wrong": k["hallucination"]["attempted_wrong"],
+           "unknown_attempted_wrong_questions": n["unknown_attempted_wrong_questions"],
            "memory_signal": None, "abstention": None, "linear_probe": None}
     sig = report.get("signals")
     if sig:

@@ -262,20 +262,13 @@ def _world_sha() -> str:
     return sha256_file(bundled_path())
 
 
-def _em(d) -> float | None:
-    return None if not d else d.get("exact_match")
-
-
 def _triple(res: dict) -> dict:
     """Reliability, generalization (questions, completions), locality, hallucination of one model."""
-    k = res.get("knowledge") or {}
-    gen = k.get("generalization") or {}
-    return {"reliability": _em(k.get("reliability")), "generalization": _em(gen),
-            "generalization_questions": _em(gen.get("questions")),
-            "generalization_completions": _em(gen.get("completions")),
-            "known": _em((k.get("locality") or {}).get("known")),
-            "perplexity": (res.get("retention") or {}).get("perplexity"),
-            "unknown_wrong_questions": (k.get("hallucination") or {}).get("attempted_wrong_questions")}
+    from memsurgery.probe.knowledge import knowledge_numbers
+
+    out = knowledge_numbers(res)
+    out["unknown_wrong_questions"] = out.pop("unknown_attempted_wrong_questions")
+    return out
 
 
 def summarize_demo(report: dict, train: dict | None, *, people: int, steps: int) -> dict:

@@ -82,3 +82,22 @@ def knowledge(samples: list[dict], retention: dict | None = None) -> dict:
             "by_relation": _by(held, lambda r: r.get("relation") or "none"),
         }
     return out
+
+
+def knowledge_numbers(report: dict) -> dict:
+    """The headline numbers of a probe report's (or its `baseline`'s) knowledge section, flat:
+    exact-match rates, perplexity and the unknown-entity hallucination rate on questions;
+    None where the report did not measure them. What the demo, the benchmark and the
+    ablations print, read in one place."""
+    k = report.get("knowledge") or {}
+    gen = k.get("generalization") or {}
+    loc = k.get("locality") or {}
+
+    def rate(d: dict | None) -> float | None:
+        return None if not d else d.get("exact_match")
+
+    return {"reliability": rate(k.get("reliability")), "generalization": rate(gen),
+            "generalization_questions": rate(gen.get("questions")),
+            "generalization_completions": rate(gen.get("completions")),
+            "known": rate(loc.get("known")), "perplexity": loc.get("perplexity"),
+            "unknown_attempted_wrong_questions": (k.get("hallucination") or {}).get("attempted_wrong_questions")}
