@@ -87,7 +87,7 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
     fmt = spec.format
     fields = [spec.prompt_field, spec.answer_field] if fmt == "qa" else [spec.text_field]
     names = ["prompt", "answer"] if fmt == "qa" else ["text"]
-    if spec.memory_positions != "all":
+    if spec.at_entity:
         fields, names = fields + [spec.entity_field], names + ["entity"]
     if source.startswith("builtin:"):
         records, kind = _builtin_people(source, key)
@@ -96,7 +96,8 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
                              f"data.format is {fmt!r}; "
                              f"use format {'qa' if kind == 'qa' else 'documents'}")
         if "entity" in names and not all("entity" in r for r in records):
-            raise InputError(f"{key}: {source!r} has no entity names; data.memory_positions: entity needs them")
+            raise InputError(f"{key}: {source!r} has no entity names; data.memory_positions: "
+                             f"{spec.memory_positions} needs them")
         return [{f: r[n] for f, n in zip(fields, names)} for r in records]
 
     path = Path(source)
@@ -112,9 +113,9 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
         if fmt == "qa":
             raise InputError(f"{key}: {path} is plain text but data.format is qa; "
                              "give a .jsonl with prompt/answer fields")
-        if spec.memory_positions != "all":
+        if spec.at_entity:
             raise InputError(f"{key}: {path} is plain text, which names no entity; data.memory_positions: "
-                             f"entity needs a .jsonl with a {spec.entity_field!r} field")
+                             f"{spec.memory_positions} needs a .jsonl with a {spec.entity_field!r} field")
         fields = ["text"]
     import tempfile
 
@@ -128,7 +129,7 @@ def load_records(source: str, spec, key: str = "data.train") -> list[dict]:
             raise InputError(f"{key}: data file {path} has no records")
         missing = [f for f in fields if f not in ds.column_names]
         if missing:
-            which = ("data.entity_field" if missing[0] == spec.entity_field and spec.memory_positions != "all"
+            which = ("data.entity_field" if missing[0] == spec.entity_field and spec.at_entity
                      else "data.prompt_field/answer_field" if fmt == "qa" else "data.text_field")
             raise InputError(f"{key}: {path} has no field {missing[0]!r} (fields: "
                              f"{', '.join(ds.column_names)}); set {which}")
@@ -203,7 +204,7 @@ def fact_views(source: str, spec, key: str = "data.train") -> tuple[list[dict], 
 def _tokenize_documents(docs: list[dict], tokenizer, spec) -> list[tuple]:
     """Documents with answer spans: loss on the answers' tokens only when answer_only_loss."""
     eos = tokenizer.eos_token_id if spec.add_eos else None
-    entity = spec.memory_positions != "all"
+    entity = spec.at_entity
     enc = tokenizer([d["text"] for d in docs], add_special_tokens=True, verbose=False,
                     return_offsets_mapping=True)
     out = []
@@ -216,7 +217,7 @@ def _tokenize_documents(docs: list[dict], tokenizer, spec) -> list[tuple]:
         else:
             labels = list(ids)
         if entity:
-            flags = _entity_flags(d["text"], d["entity"], offsets, spec.memory_positions == "entity_last")
+            flags = _entity_flags(d["text"], d["entity"], offsets, spec.memory_positions)
             out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
         else:
             out.append((ids, labels))
@@ -300,9 +301,11 @@ def _separator(sep: str, prompt: str, answer: str) -> str:
     return "" if (prompt[-1:].isspace() or answer[:1].isspace()) else " "
 
 
-def _entity_flags(text: str, entity: str, offsets, last_only: bool = False) -> list[int]:
+def _entity_flags(text: str, entity: str, offsets, positions: str = "entity") -> list[int]:
     """Per token of `text` (its character offsets): 1 where it overlaps an occurrence of `entity`
-    (`last_only`: only the last token of each occurrence, where the whole name has been read)."""
+    (`positions` "entity_last": only the last token of each occurrence, where the whole name has
+    been read)."""
+    last_only = positions == "entity_last"
     spans, start = [], text.find(entity) if entity else -1
     while start >= 0:
         spans.append((start, start + len(entity)))
@@ -319,7 +322,7 @@ def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
     """(ids, labels) per record, or (ids, labels, memory_mask) with `memory_positions: entity`."""
     eos = tokenizer.eos_token_id if spec.add_eos else None
     tail = [eos] if eos is not None else []
-    entity = spec.memory_positions != "all"
+    entity = spec.at_entity
     out = []
     batch = 256
     for start in range(0, len(records), batch):
@@ -338,7 +341,7 @@ def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
                     labels = list(ids)
                 if entity:
                     flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j],
-                                          spec.memory_positions == "entity_last")
+                                          spec.memory_positions)
                     out.append((ids, labels, flags + [0] * (len(ids) - len(flags))))
                 else:
                     out.append((ids, labels))
@@ -352,7 +355,7 @@ def _tokenize(records: list[dict], tokenizer, spec) -> list[tuple]:
                 ids = list(ids) + tail
                 if entity:
                     flags = _entity_flags(texts[j], chunk[j][spec.entity_field], enc["offset_mapping"][j],
-                                          spec.memory_positions == "entity_last")
+                                          spec.memory_positions)
                     out.append((ids, list(ids), flags + [0] * len(tail)))
                 else:
                     out.append((ids, list(ids)))
@@ -381,7 +384,7 @@ def _sequences(examples, spec, key: str, log) -> tuple[list, dict]:
             seqs.append(ex)
     kept = [s for s in seqs if len(s[0]) >= 2 and any(t != IGNORE for t in s[1][1:])]
     info["dropped_no_target"] = len(seqs) - len(kept)
-    if spec.memory_positions != "all":
+    if spec.at_entity:
         info["no_entity_tokens"] = sum(not any(s[2]) for s in kept)
     return kept, info
 
@@ -461,7 +464,7 @@ def load_sequences(source: str, tokenizer, spec, *, key: str = "data.train", max
         log(f"warning: {key}: {info['dropped_no_target']} sequences without target tokens were dropped")
     if info.get("no_entity_tokens"):
         log(f"warning: {key}: {info['no_entity_tokens']} sequences do not contain their entity's name: "
-            "with data.memory_positions: entity the memory learns nothing from them")
+            f"with data.memory_positions: {spec.memory_positions} the memory learns nothing from them")
     out = SequenceSet.from_lists(seqs, info)
     try:
         data = {"ids": out.ids.contiguous(), "labels": out.labels.contiguous(), "offsets": out.offsets}

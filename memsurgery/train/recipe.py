@@ -103,6 +103,11 @@ class DataSpec(_Strict):
             raise ValueError("one_fact_per_sequence: true needs packing: false (packing joins facts)")
         return self
 
+    @property
+    def at_entity(self) -> bool:
+        """Whether training masks the memory to the entity's tokens (memory_positions entity / entity_last)."""
+        return self.memory_positions != "all"
+
 
 class TrainSpec(_Strict):
     method: Literal["memory", "sparse_memory", "full", "lora"] = "memory"
