@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench_scripts import load_benchmark
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("ki_ablation", ROOT / "benchmarks" / "ki_ablation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("ki_ablation")
 
 
 def test_tiny_run_and_table(assets, tmp_path, train_cache):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,8 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+
+from tests.bench_scripts import load_benchmark
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "knowledge_injection.py"
@@ -39,10 +40,7 @@ def bench(tmp_path_factory):
 
 
 def _load_module():
-    spec = importlib.util.spec_from_file_location("ki_bench", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("knowledge_injection")
 
 
 @pytest.mark.slow

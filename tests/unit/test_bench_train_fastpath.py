@@ -26,14 +26,10 @@ def test_tiny_run_writes_every_variant(tmp_path):
     # The fast paths only change summation order: on step 1 (same parameters, same batch) the loss
     # differs by the reordering error of one forward pass of the tiny graft. Later steps may drift
     # further (Adam amplifies rounding-level gradient differences on the trained query).
-    import importlib.util
-
+    from tests.bench_scripts import load_benchmark
     from tests.numerics import forward_chain, reorder_rtol
 
-    spec = importlib.util.spec_from_file_location("ki_bench", ROOT / "benchmarks" / "knowledge_injection.py")
-    ki = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ki)
-    tol = reorder_rtol(forward_chain(ki.TINY_LLAMA, seq_len=128, memory={"knn": 4, "heads": 2, "k_dim": 16}))
+    tol = reorder_rtol(forward_chain(load_benchmark("knowledge_injection").TINY_LLAMA, seq_len=128, memory={"knn": 4, "heads": 2, "k_dim": 16}))
     for name, r in v.items():
         assert r["tokens"] > 0 and r["tokens_per_s"] > 0, name
         assert r["first_loss_rel_diff_vs_plain"] <= tol, (name, r["first_loss_rel_diff_vs_plain"], tol)
